@@ -1,0 +1,74 @@
+"""Run a command and report wall time and the peak RSS of its whole process tree.
+
+popvault parses in child processes, so the RSS of the parent alone would flatter it: this
+samples ``/proc`` for the command and all of its descendants and keeps the largest sum.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SAMPLE_INTERVAL_S = 0.02
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_bytes: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _tree_rss(root: int) -> int:
+    total = 0
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+        except (OSError, ValueError, IndexError):
+            continue
+        stack += _children(pid)
+    return total
+
+
+def measure(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout_s: float = 1800) -> Run:
+    """Run ``cmd`` to completion, sampling the tree's RSS every few milliseconds."""
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(SAMPLE_INTERVAL_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    finally:
+        done.set()
+        sampler.join()
+    return Run(time.monotonic() - started, peak, proc.returncode, stdout, stderr)

@@ -1,0 +1,158 @@
+"""Message keys: one key per message across mailboxes, never one key for two messages."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ingest import dedup
+from ingest.dedup import content_fingerprint, message_key, normalize_message_id, raw_sha256
+from tests import corpus
+
+
+def _lf(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n", b"\n")
+
+
+def test_two_deliveries_share_a_key() -> None:
+    first, second = corpus.same_message_two_deliveries(seed=3)
+    assert first != second
+    assert message_key(first) == message_key(second)
+    assert raw_sha256(first) != raw_sha256(second)
+
+
+def test_crlf_and_lf_copies_share_a_key() -> None:
+    raw = corpus.alternative(seed=1)
+    assert message_key(raw) == message_key(_lf(raw))
+    assert message_key(raw) == message_key(raw + b"\r\n\r\n  \r\n")  # trailing blank lines
+
+
+def test_same_message_id_different_content_differs() -> None:
+    first, second = corpus.same_message_id_different_content(seed=2)
+    assert message_key(first) != message_key(second)
+
+
+def test_no_message_id_fingerprint_decides() -> None:
+    raw = corpus.missing_message_id(seed=4)
+    assert b"Message-ID" not in raw
+    assert message_key(raw) == message_key(_lf(raw))
+    assert message_key(raw) != message_key(raw.replace(b"\r\n\r\n", b"\r\n\r\nchanged ", 1))
+
+
+@pytest.mark.parametrize(
+    "trace",
+    [
+        b"Received: from elsewhere by mx; Sun, 04 Jan 2026 10:00:00 +0000",
+        b"Return-Path: <other@example.test>",
+        b"Delivered-To: someone@example.test",
+        b"X-Original-To: someone@example.test",
+        b"Authentication-Results: mx; dkim=pass",
+        b"ARC-Seal: i=1; a=rsa-sha256; cv=none",
+        b"X-Spam-Status: No, score=-1.0",
+        b"Status: RO",
+        b"X-UID: 42",
+        b"Bcc: hidden@example.test",
+        b"Envelope-To: someone@example.test",
+        b"Content-Length: 12345",
+        b"Lines: 7",
+    ],
+)
+def test_fingerprint_ignores_trace_headers(trace: bytes) -> None:
+    raw = corpus.plain_text(seed=5)
+    assert content_fingerprint(trace + b"\r\n" + raw) == content_fingerprint(raw)
+    assert message_key(trace + b"\r\n" + raw) == message_key(raw)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"Subject: ", b"Subject: [SPAM] "),
+        (b"To: ", b"To: intruder@example.test, "),
+        (b"MIME-Version: 1.0", b"MIME-Version: 1.0\r\nCc: added@example.test"),
+    ],
+)
+def test_fingerprint_covers_originator_headers(old: bytes, new: bytes) -> None:
+    raw = corpus.plain_text(seed=6)
+    assert old in raw
+    assert message_key(raw.replace(old, new, 1)) != message_key(raw)
+
+
+def test_folding_and_whitespace_do_not_matter() -> None:
+    raw = b"Subject: a  long\tsubject\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n"
+    folded = b"Subject: a long\r\n  subject\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n"
+    assert message_key(raw) == message_key(folded)
+
+
+def test_header_name_case_does_not_matter() -> None:
+    raw = b"Subject: s\r\nMessage-ID: <x@y>\r\n\r\nbody"
+    assert message_key(raw) == message_key(b"SUBJECT: s\r\nmessage-id: <x@y>\r\n\r\nbody")
+
+
+def test_domain_case_does_not_matter_local_part_does() -> None:
+    base = b"Subject: s\r\nMessage-ID: <Abc@Example.COM>\r\n\r\nbody"
+    assert message_key(base) != message_key(base.replace(b"Abc", b"abc"))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("<Abc.Def@Example.COM>", "<Abc.Def@example.com>"),
+        ("  <abc@EXAMPLE.org>  (a comment)", "<abc@example.org>"),
+        ("(comment first) <x@Y.z>", "<x@y.z>"),
+        ("< folded@\r\n Example.TEST >", "<folded@example.test>"),
+        ("bare@Example.Org", "<bare@example.org>"),
+        ("<no-at-sign>", "<no-at-sign>"),
+        ("garbage without brackets", None),
+        ("<>", None),
+        ("", None),
+        (None, None),
+        ("   ", None),
+    ],
+)
+def test_normalize_message_id(value: str | None, expected: str | None) -> None:
+    assert normalize_message_id(value) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\r\n",
+        b"\n\n\n",
+        b"no headers at all and no blank line",
+        b"Subject: only headers",
+        b"\x00\xff\xfe:\r\n\r\n\x00",
+        b":\r\n:\r\n\r\n",
+        random.Random(1).randbytes(10_000),
+    ],
+)
+def test_garbage_never_raises(raw: bytes) -> None:
+    key = message_key(raw)
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert len(content_fingerprint(raw)) == 64
+
+
+def test_split_message_handles_both_line_endings() -> None:
+    assert dedup.split_message(b"A: b\r\n\r\nbody") == (b"A: b", b"body")
+    assert dedup.split_message(b"A: b\n\nbody") == (b"A: b", b"body")
+    assert dedup.split_message(b"A: b") == (b"A: b", b"")
+    assert dedup.split_message(b"\r\nbody") == (b"", b"body")
+
+
+def test_key_is_versioned_and_hex() -> None:
+    key = message_key(corpus.plain_text())
+    assert len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+    assert dedup.KEY_VERSION == b"v1"
+
+
+def test_module_states_the_rule() -> None:
+    assert dedup.__doc__ and "Message-ID" in dedup.__doc__ and "trace" in dedup.__doc__.lower()
+
+
+def test_messages_without_originator_headers_never_merge() -> None:
+    garbage = [random.Random(seed).randbytes(2000).replace(b"\n", b"") for seed in range(5)]
+    assert len({message_key(raw) for raw in garbage}) == 5
+    one, two = b"X-A: 1\r\nX-B: 2", b"X-A: 1\r\nX-B: 3"
+    assert message_key(one) != message_key(two)
+    assert message_key(one) == message_key(one.replace(b"\r\n", b"\n") + b"\n")

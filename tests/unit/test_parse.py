@@ -1,0 +1,89 @@
+"""The parser pool: bounded children, and a document for every message whatever happens."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ingest.document import build_document
+from ingest.parse import ParserPool, parse_in_process
+from tests import corpus
+
+ARCHIVED = "2026-09-01T12:00:00Z"
+SLOW, CRASH, HOG = b"X-Test-Behaviour: slow", b"X-Test-Behaviour: crash", b"X-Test-Behaviour: hog"
+
+
+def misbehaving_target(raw: bytes, **kwargs: Any) -> dict[str, Any]:
+    """Runs in the child: stands in for a message that makes the parser hang, die or bloat."""
+    if SLOW in raw:
+        time.sleep(60)
+    if CRASH in raw:
+        os._exit(3)
+    if HOG in raw:
+        hog = bytearray(2 * 1024 * 1024 * 1024)  # over the 512 MiB limit below: MemoryError
+        hog[0] = 1
+    return build_document(raw, **kwargs)
+
+
+def marked(marker: bytes, seed: int) -> bytes:
+    return marker + b"\r\n" + corpus.plain_text(seed=seed)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ParserPool]:
+    with ParserPool(workers=2, timeout_s=1.5, memory_mb=512, target=misbehaving_target) as p:
+        yield p
+
+
+def test_pool_matches_in_process(pool: ParserPool) -> None:
+    messages = list(corpus.special_cases(seed=5).values())[:12]
+    futures = [pool.submit(raw, first_archived=ARCHIVED) for raw in messages]
+    for raw, future in zip(messages, futures, strict=True):
+        assert future.result(timeout=30) == parse_in_process(raw, first_archived=ARCHIVED)
+
+
+def test_timeout_yields_flagged_headers_only_document(pool: ParserPool) -> None:
+    raw = marked(SLOW, 1)
+    started = time.monotonic()
+    others = [pool.submit(corpus.plain_text(seed=i), first_archived=ARCHIVED) for i in range(4)]
+    slow = pool.submit(raw, first_archived=ARCHIVED)
+    doc = slow.result(timeout=30)
+    assert time.monotonic() - started < 15
+    pv = doc["popvault"]
+    assert pv["parse_status"] == "timeout"
+    assert "exceeded" in pv["parse_error"]
+    assert pv["body_text"] == "" and doc["email"]["subject"].endswith("#0")
+    assert all(f.result(timeout=30)["popvault"]["parse_status"] == "ok" for f in others)
+    after = pool.submit(corpus.plain_text(seed=99), first_archived=ARCHIVED).result(timeout=30)
+    assert after["popvault"]["parse_status"] == "ok"
+    assert pool.stats.timeouts >= 1
+
+
+def test_dead_child_yields_failed_document(pool: ParserPool) -> None:
+    doc = pool.submit(marked(CRASH, 2), first_archived=ARCHIVED).result(timeout=30)
+    assert doc["popvault"]["parse_status"] == "failed"
+    assert "died" in doc["popvault"]["parse_error"]
+    assert pool.parse(corpus.plain_text(seed=3))["popvault"]["parse_status"] == "ok"
+
+
+def test_memory_limit_yields_failed_document(pool: ParserPool) -> None:
+    doc = pool.submit(marked(HOG, 4), first_archived=ARCHIVED).result(timeout=30)
+    assert doc["popvault"]["parse_status"] == "failed"
+    error = doc["popvault"]["parse_error"]
+    assert "MemoryError" in error or "died" in error
+    assert pool.parse(corpus.plain_text(seed=5))["popvault"]["parse_status"] == "ok"
+
+
+def test_submit_fills_identity_fields(pool: ParserPool) -> None:
+    raw = corpus.plain_text(seed=6)
+    doc = pool.parse(raw)
+    assert doc["popvault"]["message_key"] == parse_in_process(raw)["popvault"]["message_key"]
+
+
+def test_submit_outside_context_is_refused() -> None:
+    with pytest.raises(RuntimeError):
+        ParserPool(workers=1).submit(b"Subject: x\r\n\r\n")
