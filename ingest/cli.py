@@ -71,14 +71,36 @@ def _parser(config: Config) -> Iterator[Any]:
         yield pool
 
 
+class _Formatter(logging.Formatter):
+    """One line per record; tracebacks only with ``-vv`` (they are for developers)."""
+
+    def __init__(self, *, show_tracebacks: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.show_tracebacks = show_tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.show_tracebacks and (record.exc_info or record.exc_text):
+            record = logging.makeLogRecord(record.__dict__)
+            if record.exc_info and record.exc_info[1] is not None:
+                record.msg = f"{record.getMessage()} ({record.exc_info[1]})"
+                record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return super().format(record)
+
+
 @app.callback()
 def _main(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
                                          help="More log output (-vv for debug).")] = 0,
 ) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(show_tracebacks=verbose >= 2))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # The ES client logs every retried request with a traceback; our own error says it better.
+    logging.getLogger("elastic_transport").setLevel(
+        logging.DEBUG if verbose >= 2 else logging.ERROR)
 
 
 @app.command()
@@ -126,6 +148,8 @@ def poll(
 
             with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
                 reports = list(pool.map(one, [a.id for a in accounts]))
+        if any(r.new or r.joined for r in reports):
+            _run(sink.refresh)  # `popvault search` right after a poll sees what it indexed
     finally:
         sink.close()
     _print_reports(reports, as_json)

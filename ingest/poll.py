@@ -39,8 +39,9 @@ log = logging.getLogger("popvault.poll")
 BATCH_MESSAGES = 200
 """Messages per index batch: large enough for efficient bulk requests, small enough that a
 failure re-fetches little."""
-BATCH_RAW_BYTES = 64 * 1024 * 1024
-"""Raw bytes held for parsing before the batch is written (bounds memory)."""
+BATCH_RAW_BYTES = 16 * 1024 * 1024
+"""Raw bytes queued for parsing before the batch is written: bounds the poll's memory (a
+parse of a large MIME message costs several times its size in the child)."""
 HEAD_BYTES_FOR_OVERSIZE = 256 * 1024
 """An oversize message is indexed from its first bytes only (the header block)."""
 MAX_SESSIONS_PER_POLL = 50
@@ -48,7 +49,8 @@ MAX_SESSIONS_PER_POLL = 50
 MAX_INLINE_LOGIN_DELAY_S = 30
 """A LOGIN-DELAY up to this is waited out inside the poll; longer ones end the poll."""
 RESET_MIN_NEW = 20
-"""UIDL-reset suspicion needs at least this many unknown UIDLs ..."""
+"""UIDL-reset suspicion needs at least this many unknown UIDLs (and as many live receipts
+whose UIDLs vanished) ..."""
 RESET_NEW_FRACTION = 0.5
 """... making up at least this share of the mailbox ..."""
 RESET_PROBE_MESSAGES = 3
@@ -188,8 +190,8 @@ class AccountPoller:
             if exc.account_id is None:
                 exc.account_id = self.account.id
             self.report.error = exc
-            log.warning("poll failed", extra={"account_id": self.account.id,
-                                              "stage": exc.stage, "error": exc.message})
+            log.warning("poll of %s failed at stage %s: %s", self.account.id, exc.stage, exc,
+                        extra={"account_id": self.account.id, "stage": exc.stage})
         finally:
             self.report.duration_s = time.monotonic() - started
         return self.report
@@ -245,10 +247,13 @@ class AccountPoller:
             self.report.server_messages = len(sizes)
             to_fetch, ambiguous, receipts = self._plan(uidls, sizes)
             capped, more = self._cap(to_fetch, sizes)
-            delivered = self._fetch_and_index(session, capped, uidls, sizes, ambiguous)
+            delivered = self._fetch_and_index(session, capped, uidls, sizes, ambiguous,
+                                              receipts)
             dele = self._deletions(delivered, receipts, uidls)
             if dele:
-                session.dele(sorted(dele))
+                for number, refusal in session.dele(sorted(dele)).items():
+                    dele.discard(number)
+                    self._message_failed(f"DELE {number} (UIDL {uidls[number]}): {refusal}")
             session.quit()
             quit_sent = True
             if dele:
@@ -308,7 +313,7 @@ class AccountPoller:
 
     def _fetch_and_index(self, session: Pop3Session, numbers: list[int],
                          uidls: dict[int, str], sizes: dict[int, int],
-                         ambiguous: set[int]) -> set[int]:
+                         ambiguous: set[int], receipts: dict[str, Receipt]) -> set[int]:
         """Fetch ``numbers``; return the message numbers whose delivery is acknowledged."""
         if not numbers:
             return set()
@@ -318,7 +323,7 @@ class AccountPoller:
         batch: list[_Pending] = []
         batch_bytes = 0
         done = 0
-        probing = self._needs_reset_probe(numbers, uidls)
+        probing = self._needs_reset_probe(numbers, uidls, receipts)
         items = [(n, sizes[n]) for n in numbers]
         for retrieval in session.retrieve(items, window=window):
             pending = self._archive_one(retrieval, uidls[retrieval.number])
@@ -340,10 +345,18 @@ class AccountPoller:
             delivered |= self._write_batch(batch, ambiguous)
         return delivered
 
-    def _needs_reset_probe(self, numbers: list[int], uidls: dict[int, str]) -> bool:
+    def _needs_reset_probe(self, numbers: list[int], uidls: dict[int, str],
+                           receipts: dict[str, Receipt]) -> bool:
+        """A reset looks like this: most listed UIDLs unknown *and* many receipts of copies
+        the server should still hold whose UIDLs it no longer lists. (Unknown UIDLs alone
+        are also what a first poll, or one after a failed index write, looks like.)"""
         if self.options.accept_uidl_reset:
             return False
-        return len(numbers) >= RESET_MIN_NEW and len(numbers) >= RESET_NEW_FRACTION * len(uidls)
+        if len(numbers) < RESET_MIN_NEW or len(numbers) < RESET_NEW_FRACTION * len(uidls):
+            return False
+        listed_live = sum(1 for r in receipts.values() if not r.deleted_at)
+        vanished = self.sink.count_receipts(self.account.id, live_only=True) - listed_live
+        return vanished >= RESET_MIN_NEW
 
     def _probe_says_reset(self, batch: list[_Pending], new: int, total: int) -> bool:
         keys = [p.message_key for p in batch[:RESET_PROBE_MESSAGES]]

@@ -14,7 +14,7 @@ A sink stores two kinds of record:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -133,16 +133,27 @@ class Sink(Protocol):
         """Receipts that exist for these UIDLs of the account, keyed by UIDL (realtime)."""
         ...
 
-    def accounts_of(self, message_keys: Iterable[str]) -> dict[str, list[str]]:
-        """For keys already indexed: the accounts each was seen in (realtime)."""
+    def accounts_of(self, message_keys: Iterable[str], *,
+                    index_of: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+        """For keys already indexed: the accounts each was seen in (realtime).
+
+        ``index_of`` may say where a key lives, which lets a sink skip a costly lookup.
+        """
         ...
 
     def write(self, items: Sequence[IndexItem]) -> list[ItemOutcome]:
         """Index documents, then write receipts for those acknowledged; one outcome per item."""
         ...
 
+    def count_receipts(self, account_id: str | None = None, *, live_only: bool = False) -> int:
+        """Receipts stored for an account (``live_only``: copies still on the server)."""
+        ...
+
     def mark_deleted(self, account_id: str, uidls: Sequence[str], when: str) -> None:
         """Record on the receipts that these copies were deleted from the server."""
+
+    def refresh(self) -> None:
+        """Make everything written so far visible to search (end of a poll run)."""
 
     def search(self, query: str, *, limit: int = 20) -> SearchResult:
         """Run popvault's search syntax (see :mod:`ingest.searchquery`)."""

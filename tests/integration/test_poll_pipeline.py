@@ -145,7 +145,8 @@ def test_elasticsearch_lost_mid_poll_deletes_nothing_and_recovers(
     proxy = CuttableProxy("127.0.0.1", port)
     try:
         config = write_config(accounts=[box.account_config(on_archived="delete")],
-                              es_prefix=es_prefix, es_url=proxy.url)
+                              es_prefix=es_prefix,
+                              extra={"elasticsearch": {"url": proxy.url}})
         # Install the schema first, then cut the index off once the first bulk is under way.
         assert run_cli("schemas", "install", config=config).returncode == 0
         start = proxy.bytes_up
@@ -168,7 +169,7 @@ def test_elasticsearch_lost_mid_poll_deletes_nothing_and_recovers(
 
         proxy.restore()
         code, reports, stderr = poll_json(config)
-        assert code == 0, stderr
+        assert code == 0, json.dumps(reports) + stderr
         assert box.count() == 0
         assert es_count(es_client, es_prefix) == len(mails)
     finally:
@@ -188,7 +189,7 @@ def test_setting_errors_are_clear_and_distinct(case: str, mailbox_factory: Any, 
         acc = box.account_config(ca_file=str(stack.other_ca_file))
         expect_code, expect_text = 5, "certificate"
     else:
-        acc = box.account_config(security="none", port=stack.pop3_port)
+        acc = box.account_config(security="none", port=stack.pop3_port, auth="user")
         expect_code, expect_text = 6, "plaintext"
     config = write_config(accounts=[acc], es_prefix=es_prefix)
     done = run_cli("poll", config=config)
