@@ -215,3 +215,42 @@ def test_search_finds_by_sender_subject_and_body(mailbox_factory: Any, write_con
         assert done.returncode == 0, done.stderr
         hits = json.loads(done.stdout)["hits"]
         assert [h["document"]["message_id"] for h in hits] == ["<search-1@quux.example>"], query
+
+
+def test_hostile_and_oversize_mail_is_archived_and_indexed(
+        mailbox_factory: Any, write_config: Any, es_prefix: str, es_client: Any,
+        tmp_archive: Path) -> None:
+    """Nothing is dropped: malformed mail gets a document (with parse_error if need be), and
+    a message over max_message_bytes is archived whole and indexed from its headers."""
+    from jsonschema import Draft202012Validator
+
+    import schemas
+
+    box = mailbox_factory()
+    hostile = corpus.generate_corpus(seed=21, n=40, mix="hostile")
+    box.deliver_many(hostile.messages)
+    box.deliver(corpus.big_attachment(3 * 1024 * 1024, seed=4))
+    served = box.served()
+    limit = 2 * 1024 * 1024
+    config = write_config(accounts=[box.account_config(max_message_bytes=limit,
+                                                       on_archived="delete")],
+                          es_prefix=es_prefix)
+    code, reports, stderr = poll_json(config)
+    report = reports[box.username]
+    assert code == 0, json.dumps(report) + stderr
+    assert report["oversize"] == 1
+    assert box.count() == 0
+    store = FilesystemStore(tmp_archive)
+    for raw in served:
+        assert store.read(hashlib.sha256(raw).hexdigest()) == raw
+    es_client.indices.refresh(index=f"{es_prefix}-*")
+    docs = [h["_source"] for h in es_client.search(
+        index=f"{es_prefix}-messages", size=1000, query={"match_all": {}})["hits"]["hits"]]
+    assert len(docs) == report["new"] == hostile.expected_distinct_keys + 1
+    big = [d for d in docs if d["popvault"].get("oversize")]
+    assert len(big) == 1 and big[0]["popvault"]["raw_size"] > limit
+    assert big[0]["popvault"]["parse_status"] == "oversize"
+    validator = Draft202012Validator(schemas.document_schema())
+    for doc in docs:
+        errors = sorted(validator.iter_errors(doc), key=str)
+        assert not errors, (doc["popvault"]["message_key"], errors[0].message)
