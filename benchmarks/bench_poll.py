@@ -152,9 +152,13 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--big-mb", type=int, default=0,
+                        help="add one message with an attachment of this many MB (RSS check)")
     args = parser.parse_args()
     s = settings.load()
     mail = corpus.benchmark_mix(args.seed, args.messages).messages
+    if args.big_mb:
+        mail.append(corpus.big_attachment(args.big_mb * 1024 * 1024, seed=args.seed))
     served_bytes = sum(len(m.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")) for m in mail)
     print(f"mailbox: {len(mail)} messages, {served_bytes / 1e6:.1f} MB as served, "
           f"{os.cpu_count()} CPUs", file=sys.stderr)
