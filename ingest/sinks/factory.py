@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from ingest.config import Config
+from ingest.errors import ConfigError
 from ingest.sinks.base import Sink
+
+EMBEDDED_INDEX_FILE = "index.sqlite3"
 
 
 def open_sink(config: Config) -> Sink:
@@ -14,4 +17,9 @@ def open_sink(config: Config) -> Sink:
         return ElasticsearchSink(config.elasticsearch)
     from ingest.sinks.embedded import EmbeddedSink
 
-    return EmbeddedSink(config.archive_path / "index.sqlite3")
+    try:
+        config.archive_path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"[archive] path {config.archive_path} cannot be created: "
+                          f"{exc.strerror}") from None
+    return EmbeddedSink(config.archive_path / EMBEDDED_INDEX_FILE)

@@ -254,3 +254,29 @@ def test_hostile_and_oversize_mail_is_archived_and_indexed(
     for doc in docs:
         errors = sorted(validator.iter_errors(doc), key=str)
         assert not errors, (doc["popvault"]["message_key"], errors[0].message)
+
+
+def test_embedded_default_without_elasticsearch(mailbox_factory: Any, write_config: Any,
+                                                tmp_archive: Path) -> None:
+    """No [elasticsearch] section: documents, receipts and search live beside the archive."""
+    boxes = [mailbox_factory() for _ in range(2)]
+    shared_a, shared_b = corpus.same_message_two_deliveries(seed=9)
+    for i, box in enumerate(boxes):
+        box.deliver_many(corpus.generate_mail(seed=300 + i, n=30))
+    boxes[0].deliver(shared_a)
+    boxes[1].deliver(shared_b)
+    config = write_config(accounts=[b.account_config(on_archived="delete") for b in boxes])
+    served = [raw for b in boxes for raw in b.served()]
+    code, reports, stderr = poll_json(config)
+    assert code == 0, json.dumps(reports) + stderr
+    assert sum(r["new"] for r in reports.values()) == 61
+    assert sum(r["joined"] for r in reports.values()) == 1
+    assert all(b.count() == 0 for b in boxes)
+    assert (tmp_archive / "index.sqlite3").is_file()
+    store = FilesystemStore(tmp_archive)
+    for raw in served:
+        assert store.read(hashlib.sha256(raw).hexdigest()) == raw
+    subject = corpus.generate_mail(seed=300, n=30)[0].split(b"Subject: ", 1)[1].split(b"\r\n")[0]
+    done = run_cli("search", f'subject:"{subject.decode()}"', "--json", config=config)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total"] >= 1
