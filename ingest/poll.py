@@ -321,7 +321,6 @@ class AccountPoller:
         window = None if acc.pipelining else 1
         delivered: set[int] = set()
         batch: list[_Pending] = []
-        batch_bytes = 0
         done = 0
         probing = self._needs_reset_probe(numbers, uidls, receipts)
         items = [(n, sizes[n]) for n in numbers]
@@ -333,14 +332,13 @@ class AccountPoller:
             if pending is None:
                 continue
             batch.append(pending)
-            batch_bytes += pending.raw_bytes
             if probing and len(batch) >= min(RESET_PROBE_MESSAGES, len(numbers)):
                 probing = False
                 if self._probe_says_reset(batch, len(numbers), len(uidls)):
                     raise _ResetDetected()
-            if len(batch) >= BATCH_MESSAGES or batch_bytes >= BATCH_RAW_BYTES:
-                delivered |= self._write_batch(batch, ambiguous)
-                batch, batch_bytes = [], 0
+            if len(batch) >= BATCH_MESSAGES or _parsing_bytes(batch) >= BATCH_RAW_BYTES:
+                ready, batch = _split_ready(batch)
+                delivered |= self._write_batch(ready, ambiguous)
         if batch:
             delivered |= self._write_batch(batch, ambiguous)
         return delivered
@@ -475,6 +473,26 @@ class AccountPoller:
                 continue
             dele.add(n)
         return dele
+
+
+def _parsing_bytes(batch: list[_Pending]) -> int:
+    return sum(p.raw_bytes for p in batch if p.future is not None and not p.future.done())
+
+
+def _split_ready(batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+    """Split a full batch into messages whose documents are ready and those still parsing.
+
+    Writing only the ready ones keeps the parser processes busy during the index write
+    (waiting for the whole batch would leave them idle). The oldest message is always
+    waited for, so a slow parse applies backpressure instead of letting the queue grow.
+    """
+    if batch and batch[0].future is not None:
+        batch[0].future.result()
+    ready: list[_Pending] = []
+    waiting: list[_Pending] = []
+    for p in batch:  # one done() per message: a parse finishing meanwhile can't fall out
+        (ready if p.future is None or p.future.done() else waiting).append(p)
+    return ready, waiting
 
 
 class _ResetDetected(Exception):
