@@ -287,9 +287,21 @@ def _register_worker_commands() -> None:
     register(app, accounts_app)
 
 
+COMMAND_MODULES: tuple[str, ...] = ()
+"""Modules under ``ingest`` that add commands with ``register(app)``; one line each."""
+
+
+def _register_extra_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"ingest.{name}").register(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     _register_worker_commands()
+    _register_extra_commands()
     try:
         app()
     except KeyboardInterrupt:

@@ -12,38 +12,25 @@ poll downloads it again; the archive is content-addressed, so that costs no spac
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
 
-from ingest import dedup
-from ingest.archive import FilesystemStore, StoredRaw
+from ingest.archive import FilesystemStore
 from ingest.config import AccountConfig, Config, resolve_secret
-from ingest.document import build_document
 from ingest.errors import PopvaultError, ProtocolError
-from ingest.outcome import Delivery, DuplicateReason, ReceiptStatus
+from ingest.outcome import Delivery, DuplicateReason
 from ingest.parse import ParserPool
-from ingest.pop3 import Pop3Session
-from ingest.sinks.base import IndexItem, ItemOutcome, Receipt, Sink
+from ingest.pipeline import Ingester, Written
+from ingest.pop3 import Pop3Session, Retrieval
+from ingest.sinks.base import Receipt, Sink
 from ingest.state import load_state, save_state
 
 log = logging.getLogger("popvault.poll")
 
-BATCH_MESSAGES = 200
-"""Messages per index batch: large enough for efficient bulk requests, small enough that a
-failure re-fetches little."""
-BATCH_RAW_BYTES = 16 * 1024 * 1024
-"""Raw bytes queued for parsing before the batch is written: bounds the poll's memory (a
-parse of a large MIME message costs several times its size in the child)."""
-HEAD_BYTES_FOR_OVERSIZE = 256 * 1024
-"""An oversize message is indexed from its first bytes only (the header block)."""
 MAX_SESSIONS_PER_POLL = 50
 """Bounds the drain loop: a server that never empties cannot hold a worker forever."""
 MAX_INLINE_LOGIN_DELAY_S = 30
@@ -108,20 +95,6 @@ class AccountReport:
 
 
 @dataclass
-class _Pending:
-    """A fetched message waiting for its document."""
-
-    number: int
-    uidl: str
-    stored: StoredRaw
-    message_key: str
-    status: ReceiptStatus
-    document: dict[str, Any] | None = None
-    future: Future[dict[str, Any]] | None = None
-    raw_bytes: int = 0
-
-
-@dataclass
 class PollOptions:
     accept_uidl_reset: bool = False
     progress: ProgressHook | None = None
@@ -131,37 +104,6 @@ class PollOptions:
 
 def utc_iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class _Collector:
-    """Passes chunks through to the archive while keeping a bounded copy for parsing."""
-
-    def __init__(self, chunks: Iterable[bytes], keep_limit: int) -> None:
-        self._chunks = chunks
-        self._keep_limit = keep_limit
-        self.parts: list[bytes] = []
-        self.kept = 0
-        self.total = 0
-        self.truncated = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._chunks:
-            self.total += len(chunk)
-            if not self.truncated:
-                if self.kept + len(chunk) <= self._keep_limit:
-                    self.parts.append(chunk)
-                    self.kept += len(chunk)
-                else:
-                    self.truncated = True
-                    room = max(0, HEAD_BYTES_FOR_OVERSIZE - self.kept)
-                    if room < HEAD_BYTES_FOR_OVERSIZE:
-                        self.parts = [b"".join(self.parts)[:HEAD_BYTES_FOR_OVERSIZE]]
-                    else:
-                        self.parts.append(chunk[:room])
-            yield chunk
-
-    def data(self) -> bytes:
-        return b"".join(self.parts)
 
 
 class AccountPoller:
@@ -318,29 +260,43 @@ class AccountPoller:
         if not numbers:
             return set()
         acc = self.account
-        window = None if acc.pipelining else 1
+        ingester = Ingester(account_id=acc.id, sink=self.sink, store=self.store,
+                            parser=self.parser, max_message_bytes=acc.max_message_bytes,
+                            max_body_chars=self._max_body_chars(),
+                            now=lambda: utc_iso(self.options.now()))
         delivered: set[int] = set()
-        batch: list[_Pending] = []
         done = 0
-        probing = self._needs_reset_probe(numbers, uidls, receipts)
+        probe: list[str] | None = [] if self._needs_reset_probe(numbers, uidls, receipts) \
+            else None
         items = [(n, sizes[n]) for n in numbers]
-        for retrieval in session.retrieve(items, window=window):
-            pending = self._archive_one(retrieval, uidls[retrieval.number])
-            done += 1
-            if self.options.progress:
-                self.options.progress(acc.id, done, len(numbers))
-            if pending is None:
-                continue
-            batch.append(pending)
-            if probing and len(batch) >= min(RESET_PROBE_MESSAGES, len(numbers)):
-                probing = False
-                if self._probe_says_reset(batch, len(numbers), len(uidls)):
-                    raise _ResetDetected()
-            if len(batch) >= BATCH_MESSAGES or _parsing_bytes(batch) >= BATCH_RAW_BYTES:
-                ready, batch = _split_ready(batch)
-                delivered |= self._write_batch(ready, ambiguous)
-        if batch:
-            delivered |= self._write_batch(batch, ambiguous)
+        try:
+            for retrieval in session.retrieve(items, window=None if acc.pipelining else 1):
+                number = retrieval.number
+                uidl = uidls[number]
+                done += 1
+                if self.options.progress:
+                    self.options.progress(acc.id, done, len(numbers))
+                if retrieval.error is not None and not retrieval.short:
+                    self._message_failed(f"RETR {number} (UIDL {uidl}): {retrieval.error}")
+                    continue
+                staged = ingester.stage(retrieval.chunks(), ref=number,
+                                        uidl=None if number in ambiguous else uidl,
+                                        rejected=_short_read(retrieval))
+                if staged is None:
+                    self._message_failed(f"RETR {number} (UIDL {uidl}): {retrieval.error}")
+                    continue
+                if probe is not None:
+                    probe.append(staged.message_key)
+                    if len(probe) >= min(RESET_PROBE_MESSAGES, len(numbers)):
+                        if self._probe_says_reset(probe, len(numbers), len(uidls)):
+                            raise _ResetDetected()
+                        probe = None
+                delivered |= self._tally(ingester.add(staged), uidls)
+            delivered |= self._tally(ingester.finish(), uidls)
+        finally:
+            self.report.bytes_fetched += ingester.bytes_stored
+            self.report.oversize += ingester.oversize
+            self.report.parse_failed += ingester.parse_failed
         return delivered
 
     def _needs_reset_probe(self, numbers: list[int], uidls: dict[int, str],
@@ -356,8 +312,7 @@ class AccountPoller:
         vanished = self.sink.count_receipts(self.account.id, live_only=True) - listed_live
         return vanished >= RESET_MIN_NEW
 
-    def _probe_says_reset(self, batch: list[_Pending], new: int, total: int) -> bool:
-        keys = [p.message_key for p in batch[:RESET_PROBE_MESSAGES]]
+    def _probe_says_reset(self, keys: list[str], new: int, total: int) -> bool:
         seen = self.sink.accounts_of(keys)
         if not all(self.account.id in seen.get(k, []) for k in keys):
             return False
@@ -374,38 +329,6 @@ class AccountPoller:
             "the server, then poll with --accept-uidl-reset")
         return True
 
-    def _archive_one(self, retrieval: Any, uidl: str) -> _Pending | None:
-        acc = self.account
-        if retrieval.error is not None and not getattr(retrieval, "short", False):
-            self._message_failed(f"RETR {retrieval.number} (UIDL {uidl}): {retrieval.error}")
-            return None
-        limit = acc.max_message_bytes
-        collector = _Collector(retrieval.chunks(), keep_limit=limit)
-        stored = self.store.put_chunks(collector)
-        self.report.bytes_fetched += stored.size
-        if retrieval.error is not None:  # short read: the bytes are not the whole message
-            if not stored.existed:
-                self.store.delete(stored.sha256)
-            self._message_failed(f"RETR {retrieval.number} (UIDL {uidl}): {retrieval.error}")
-            return None
-        first_archived = utc_iso(self.options.now())
-        if collector.truncated:
-            head = collector.data()
-            key = oversize_message_key(head, stored.sha256)
-            doc = build_document(head, raw_sha256=stored.sha256, message_key=key,
-                                 first_archived=first_archived, headers_only=True)
-            doc["popvault"]["raw_size"] = stored.size
-            self.report.oversize += 1
-            return _Pending(retrieval.number, uidl, stored, key, ReceiptStatus.OVERSIZE,
-                            document=doc)
-        raw = collector.data()
-        key = dedup.message_key(raw)
-        future = self.parser.submit(raw, raw_sha256=stored.sha256, message_key=key,
-                                    first_archived=first_archived,
-                                    max_body_chars=self._max_body_chars())
-        return _Pending(retrieval.number, uidl, stored, key, ReceiptStatus.ARCHIVED,
-                        future=future, raw_bytes=stored.size)
-
     def _max_body_chars(self) -> int:
         es = self.config.elasticsearch
         return es.max_body_chars if es else 1_000_000
@@ -415,37 +338,19 @@ class AccountPoller:
         self.report.message_errors.append(text)
         log.warning("message not archived: %s", text, extra={"account_id": self.account.id})
 
-    def _write_batch(self, batch: list[_Pending], ambiguous: set[int]) -> set[int]:
-        items: list[IndexItem] = []
-        for p in batch:
-            doc = p.document if p.document is not None else p.future.result()  # type: ignore[union-attr]
-            status = p.status
-            if doc["popvault"].get("parse_status") in ("failed", "timeout"):
-                status = ReceiptStatus.PARSE_FAILED
-                self.report.parse_failed += 1
-            uidl: str | None = p.uidl
-            if p.number in ambiguous:
-                uidl = None  # content decides; a UIDL that names two messages gets no receipt
-            items.append(IndexItem(message_key=p.message_key, account_id=self.account.id,
-                                   uidl=uidl, raw_sha256=p.stored.sha256,
-                                   raw_size=p.stored.size, document=doc, status=status))
-        self.store.flush()  # raw bytes durable before anything is acknowledged
-        outcomes = self.sink.write(items)
-        return self._tally(batch, outcomes)
-
-    def _tally(self, batch: list[_Pending], outcomes: list[ItemOutcome]) -> set[int]:
+    def _tally(self, written: Written, uidls: dict[int, str]) -> set[int]:
         delivered: set[int] = set()
-        for p, outcome in zip(batch, outcomes, strict=True):
+        for staged, outcome in written:
             if outcome.delivery is Delivery.DELIVERED:
-                delivered.add(p.number)
+                delivered.add(staged.ref)
                 if outcome.reason is DuplicateReason.NEW:
                     self.report.new += 1
                 else:
                     self.report.joined += 1
             else:
                 self._message_failed(
-                    f"message {p.number} (UIDL {p.uidl}, key {p.message_key[:16]}): "
-                    f"{outcome.delivery}: {outcome.error}")
+                    f"message {staged.ref} (UIDL {uidls[staged.ref]}, key "
+                    f"{staged.message_key[:16]}): {outcome.delivery}: {outcome.error}")
         return delivered
 
     # -- deletion ---------------------------------------------------------------------------
@@ -475,40 +380,13 @@ class AccountPoller:
         return dele
 
 
-def _parsing_bytes(batch: list[_Pending]) -> int:
-    return sum(p.raw_bytes for p in batch if p.future is not None and not p.future.done())
-
-
-def _split_ready(batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
-    """Split a full batch into messages whose documents are ready and those still parsing.
-
-    Writing only the ready ones keeps the parser processes busy during the index write
-    (waiting for the whole batch would leave them idle). The oldest message is always
-    waited for, so a slow parse applies backpressure instead of letting the queue grow.
-    """
-    if batch and batch[0].future is not None:
-        batch[0].future.result()
-    ready: list[_Pending] = []
-    waiting: list[_Pending] = []
-    for p in batch:  # one done() per message: a parse finishing meanwhile can't fall out
-        (ready if p.future is None or p.future.done() else waiting).append(p)
-    return ready, waiting
+def _short_read(retrieval: Retrieval) -> Callable[[], object]:
+    """Asked after the body was read: an error then means the bytes are not the message."""
+    return lambda: retrieval.error
 
 
 class _ResetDetected(Exception):
     """Internal: unwinds the fetch loop when a UIDL reset is detected."""
-
-
-def oversize_message_key(head: bytes, raw_sha256: str) -> str:
-    """Key for a message too large to fingerprint in memory: Message-ID plus the raw hash.
-
-    Two deliveries of one oversize message therefore stay two documents (their trace headers
-    differ): never a wrong merge, at worst a missed one.
-    """
-    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
-    value = headers.get("Message-ID")
-    msgid = dedup.normalize_message_id(str(value) if value is not None else None) or ""
-    return hashlib.sha256(f"v1-oversize\0{msgid}\0{raw_sha256}".encode()).hexdigest()
 
 
 def _parse_iso(text: str) -> datetime:

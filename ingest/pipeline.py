@@ -1,0 +1,187 @@
+"""The transform stage shared by ``poll`` and ``import``: raw bytes in, acknowledged outcomes out.
+
+For every message: stream its bytes into the raw archive, compute its message key, parse it in
+the bounded process pool (or, above ``max_message_bytes``, index it from its header block), and
+write documents and receipts to the sink in batches — after one ``flush`` has made the batch's
+raw objects durable. Callers learn, per message, whether it was delivered; only then may a
+source act on it (DELE, or marking an import done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any
+
+from ingest import dedup
+from ingest.archive import RawStore, StoredRaw
+from ingest.document import build_document
+from ingest.outcome import ReceiptStatus
+from ingest.parse import ParserPool
+from ingest.sinks.base import IndexItem, ItemOutcome, Sink
+
+BATCH_MESSAGES = 200
+"""Messages per index batch: large enough for efficient bulk requests, small enough that a
+failure re-fetches little."""
+BATCH_RAW_BYTES = 16 * 1024 * 1024
+"""Raw bytes queued for parsing before a batch is written: bounds memory (a parse of a large
+MIME message costs several times its size in the child)."""
+HEAD_BYTES_FOR_OVERSIZE = 256 * 1024
+"""An oversize message is indexed from its first bytes only (the header block)."""
+
+
+@dataclass
+class Staged:
+    """A message archived and keyed, waiting for its document to be written.
+
+    ``ref`` is the caller's handle (a POP3 message number, a file and offset). ``uidl`` is
+    the receipt's UIDL, or None when no receipt must be written for this copy.
+    """
+
+    ref: Any
+    uidl: str | None
+    stored: StoredRaw
+    message_key: str
+    status: ReceiptStatus
+    document: dict[str, Any] | None = None
+    future: Future[dict[str, Any]] | None = None
+    raw_bytes: int = 0
+
+    def parsing(self) -> bool:
+        return self.future is not None and not self.future.done()
+
+
+Written = list[tuple[Staged, ItemOutcome]]
+
+
+class _Collector:
+    """Passes chunks through to the archive while keeping a bounded copy for parsing."""
+
+    def __init__(self, chunks: Iterable[bytes], keep_limit: int) -> None:
+        self._chunks = chunks
+        self._keep_limit = keep_limit
+        self.parts: list[bytes] = []
+        self.kept = 0
+        self.truncated = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            if not self.truncated:
+                if self.kept + len(chunk) <= self._keep_limit:
+                    self.parts.append(chunk)
+                    self.kept += len(chunk)
+                else:  # over the limit: keep only the head, for the header block
+                    self.truncated = True
+                    self.parts = [b"".join([*self.parts, chunk])[:HEAD_BYTES_FOR_OVERSIZE]]
+            yield chunk
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def oversize_message_key(head: bytes, raw_sha256: str) -> str:
+    """Key for a message too large to fingerprint in memory: Message-ID plus the raw hash.
+
+    Two deliveries of one oversize message therefore stay two documents (their trace headers
+    differ): never a wrong merge, at worst a missed one.
+    """
+    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
+    value = headers.get("Message-ID")
+    msgid = dedup.normalize_message_id(str(value) if value is not None else None) or ""
+    return hashlib.sha256(f"v1-oversize\0{msgid}\0{raw_sha256}".encode()).hexdigest()
+
+
+class Ingester:
+    """Archive, key, parse and index messages of one account, in batches."""
+
+    def __init__(self, *, account_id: str, sink: Sink, store: RawStore, parser: ParserPool,
+                 max_message_bytes: int, max_body_chars: int,
+                 now: Callable[[], str]) -> None:
+        self.account_id = account_id
+        self.sink = sink
+        self.store = store
+        self.parser = parser
+        self.max_message_bytes = max_message_bytes
+        self.max_body_chars = max_body_chars
+        self.now = now
+        self.pending: list[Staged] = []
+        self.bytes_stored = 0
+        self.oversize = 0
+        self.parse_failed = 0
+
+    def stage(self, chunks: Iterable[bytes], *, ref: Any, uidl: str | None,
+              rejected: Callable[[], object] | None = None) -> Staged | None:
+        """Archive one message and start its document; None if ``rejected()`` says the bytes
+        turned out not to be the whole message (a short RETR): then nothing of it is kept."""
+        collector = _Collector(chunks, keep_limit=self.max_message_bytes)
+        stored = self.store.put_chunks(collector)
+        self.bytes_stored += stored.size
+        if rejected is not None and rejected() is not None:
+            if not stored.existed:
+                self.store.delete(stored.sha256)
+            return None
+        first_archived = self.now()
+        if collector.truncated:
+            head = collector.data()
+            key = oversize_message_key(head, stored.sha256)
+            doc = build_document(head, raw_sha256=stored.sha256, message_key=key,
+                                 first_archived=first_archived, headers_only=True)
+            doc["popvault"]["raw_size"] = stored.size
+            self.oversize += 1
+            return Staged(ref, uidl, stored, key, ReceiptStatus.OVERSIZE, document=doc)
+        raw = collector.data()
+        key = dedup.message_key(raw)
+        future = self.parser.submit(raw, raw_sha256=stored.sha256, message_key=key,
+                                    first_archived=first_archived,
+                                    max_body_chars=self.max_body_chars)
+        return Staged(ref, uidl, stored, key, ReceiptStatus.ARCHIVED, future=future,
+                      raw_bytes=stored.size)
+
+    def add(self, staged: Staged) -> Written:
+        """Queue a staged message; when the batch is full, write what is ready."""
+        self.pending.append(staged)
+        parsing = sum(p.raw_bytes for p in self.pending if p.parsing())
+        if len(self.pending) < BATCH_MESSAGES and parsing < BATCH_RAW_BYTES:
+            return []
+        ready, self.pending = _split_ready(self.pending)
+        return self._write(ready)
+
+    def finish(self) -> Written:
+        """Write everything still queued (waiting for the last parses)."""
+        batch, self.pending = self.pending, []
+        return self._write(batch) if batch else []
+
+    def _write(self, batch: list[Staged]) -> Written:
+        items: list[IndexItem] = []
+        for p in batch:
+            doc = p.document if p.document is not None else p.future.result()  # type: ignore[union-attr]
+            status = p.status
+            if doc["popvault"].get("parse_status") in ("failed", "timeout"):
+                status = ReceiptStatus.PARSE_FAILED
+                self.parse_failed += 1
+            items.append(IndexItem(message_key=p.message_key, account_id=self.account_id,
+                                   uidl=p.uidl, raw_sha256=p.stored.sha256,
+                                   raw_size=p.stored.size, document=doc, status=status))
+        self.store.flush()  # raw bytes durable before anything is acknowledged
+        outcomes = self.sink.write(items)
+        return list(zip(batch, outcomes, strict=True))
+
+
+def _split_ready(batch: list[Staged]) -> tuple[list[Staged], list[Staged]]:
+    """Split a full batch into messages whose documents are ready and those still parsing.
+
+    Writing only the ready ones keeps the parser processes busy during the index write
+    (waiting for the whole batch would leave them idle). The oldest message is always
+    waited for, so a slow parse applies backpressure instead of letting the queue grow.
+    """
+    if batch and batch[0].future is not None:
+        batch[0].future.result()
+    ready: list[Staged] = []
+    waiting: list[Staged] = []
+    for p in batch:  # one done() per message: a parse finishing meanwhile can't fall out
+        (waiting if p.parsing() else ready).append(p)
+    return ready, waiting
