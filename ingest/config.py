@@ -27,6 +27,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 50 * 1024 * 1024
 SECURITY_MODES = ("tls", "starttls", "none")
 AUTH_MODES = ("auto", "user", "apop", "plain", "xoauth2")
 UIDL_FALLBACKS = ("refuse", "content")
+EVENT_SINKS = ("webhook", "celery")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class AccountConfig:
     session_deadline_s: float = 3600.0
     interval_s: int = 300
     tags: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()  # "webhook" and/or "celery": ticket events for new mail
 
     def __repr__(self) -> str:  # no secrets here anyway, but keep repr short
         return f"AccountConfig(id={self.id!r}, host={self.host!r}, port={self.port})"
@@ -282,7 +284,12 @@ def _parse_account(data: Any, index: int, where: str, base: Path | None,
         session_deadline_s=r.get("session_deadline_s", float, 3600.0),
         interval_s=r.positive("interval_s", 300),
         tags=tuple(r.get("tags", list, [])),
+        events=tuple(r.get("events", list, [])),
     )
+    for sink in acc.events:
+        if sink not in EVENT_SINKS:
+            raise r.fail("events", f"each entry must be one of {', '.join(EVENT_SINKS)}, "
+                                   f"got {sink!r}")
     if auth == "xoauth2" and not acc.token.is_set():
         raise r.fail("auth", "xoauth2 needs token_env, token_file or token_command")
     if auth != "xoauth2" and not acc.password.is_set():
@@ -347,7 +354,8 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
     where = str(path) if path else "configuration"
     base = path.parent.resolve() if path else None
     known = {"archive", "elasticsearch", "broker", "accounts", "account_defaults", "parse",
-             "hosts", "retention", "holds", "support", "metrics", "schedule"}
+             "hosts", "retention", "holds", "support", "metrics", "schedule", "events",
+             "encryption"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{where}: unknown top-level key {key!r} (check the spelling)")
