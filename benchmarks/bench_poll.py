@@ -144,7 +144,8 @@ verbose = 0
 
 def line(name: str, run: Run, n: int, total_bytes: int) -> str:
     return (f"{name:<28} {n / run.seconds:8.1f} msg/s {total_bytes / run.seconds / 1e6:7.1f} MB/s"
-            f" {run.seconds:7.1f} s   peak RSS {run.peak_rss_bytes / 1e6:6.0f} MB")
+            f" {run.seconds:7.1f} s   peak RSS {run.peak_rss_bytes / 1e6:5.0f} MB"
+            f" (PSS {run.peak_pss_bytes / 1e6:4.0f} MB)")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 class Run:
     seconds: float
     peak_rss_bytes: int
+    peak_pss_bytes: int
     returncode: int
     stdout: str
     stderr: str
@@ -36,17 +37,31 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _tree_rss(root: int) -> int:
-    total = 0
+def _pss(pid: int) -> int:
+    """Proportional set size: shared pages divided among the processes sharing them."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _tree_memory(root: int) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) over a process and its descendants."""
+    rss = pss = 0
     stack = [root]
     while stack:
         pid = stack.pop()
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+            pss += _pss(pid)
         except (OSError, ValueError, IndexError):
             continue
         stack += _children(pid)
-    return total
+    return rss, pss
+
+
+def _tree_rss(root: int) -> int:
+    return _tree_memory(root)[0]
 
 
 def measure(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -55,13 +70,14 @@ def measure(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | No
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = peak_pss = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_pss
         while not done.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
+            rss, pss = _tree_memory(proc.pid)
+            peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             time.sleep(SAMPLE_INTERVAL_S)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -71,4 +87,4 @@ def measure(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | No
     finally:
         done.set()
         sampler.join()
-    return Run(time.monotonic() - started, peak, proc.returncode, stdout, stderr)
+    return Run(time.monotonic() - started, peak, peak_pss, proc.returncode, stdout, stderr)
