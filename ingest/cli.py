@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -53,7 +54,7 @@ def _run(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except PopvaultError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(exit_code(exc)) from None
 
 
@@ -177,9 +178,9 @@ def _print_reports(reports: list[AccountReport], as_json: bool) -> None:
     out.print(table)
     for r in reports:
         if r.error is not None:
-            err.print(f"[red]{r.account_id}[/]: {r.error}", highlight=False)
+            err.print(f"[red]{r.account_id}[/]: {escape(str(r.error))}", highlight=False)
         for line in r.message_errors[:20]:
-            err.print(f"[yellow]{r.account_id}[/]: {line}", highlight=False)
+            err.print(f"[yellow]{r.account_id}[/]: {escape(line)}", highlight=False)
         if len(r.message_errors) > 20:
             err.print(f"{r.account_id}: ... {len(r.message_errors) - 20} more")
 
@@ -207,7 +208,7 @@ def accounts_check(config_path: ConfigOpt = None, account: AccountOpt = None,
             for s in steps:
                 colour = {"ok": "green", "warn": "yellow", "fail": "red"}.get(s.status, "white")
                 detail = s.detail + (f"\n→ {s.advice}" if s.advice else "")
-                table.add_row(s.name, f"[{colour}]{s.status}[/]", detail)
+                table.add_row(s.name, f"[{colour}]{s.status}[/]", escape(detail))
             out.print(table)
     if failed:
         raise typer.Exit(EXIT_FAILED)
@@ -244,7 +245,7 @@ def search(
         try:
             result = _run(lambda: sink.search(query, limit=limit))
         except QuerySyntaxError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
     finally:
         sink.close()
@@ -287,7 +288,7 @@ def _register_worker_commands() -> None:
     register(app, accounts_app)
 
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("cli_compliance", "cli_backfill")
 """Modules under ``ingest`` that add commands with ``register(app)``; one line each."""
 
 

@@ -64,7 +64,7 @@ class PopvaultError(Exception):
 
     def __str__(self) -> str:
         text = self.message
-        if self.account_id:
+        if self.account_id and f"account {self.account_id!r}" not in text:
             text = f"account {self.account_id!r}: {text}"
         if self.server_reply:
             text = f"{text} (server said: {self.server_reply})"
