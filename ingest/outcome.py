@@ -26,6 +26,7 @@ class ReceiptStatus(StrEnum):
     DUPLICATE = "duplicate"  # same message key already archived (another account or fetch)
     OVERSIZE = "oversize"  # archived raw; indexed from headers only
     PARSE_FAILED = "parse_failed"  # archived raw; indexed with parse_error
+    EXPIRED = "expired"  # document removed by retention; kept so the UIDL is never fetched again
 
 
 class DuplicateReason(StrEnum):

@@ -299,6 +299,11 @@ class ElasticsearchSink:
     def __repr__(self) -> str:
         return f"ElasticsearchSink(url={self.url!r}, prefix={self.config.index_prefix!r})"
 
+    @property
+    def client(self) -> Elasticsearch:
+        """The underlying client, for sink-side maintenance (:mod:`ingest.sinks.lifecycle`)."""
+        return self._client
+
     # -- construction -------------------------------------------------------------------------
 
     def _build_client(self) -> Elasticsearch:
