@@ -288,7 +288,7 @@ def _register_worker_commands() -> None:
     register(app, accounts_app)
 
 
-COMMAND_MODULES: tuple[str, ...] = ("cli_compliance",)
+COMMAND_MODULES: tuple[str, ...] = ("cli_compliance", "cli_backfill")
 """Modules under ``ingest`` that add commands with ``register(app)``; one line each."""
 
 
