@@ -7,6 +7,11 @@ of an oversize message and the fallback document when parsing fails or times out
 
 Field names follow ECS ``email.*`` where ECS defines them; popvault's own fields live under
 ``popvault.*``. ``schemas/document.schema.json`` is the contract; tests validate against it.
+
+Enrichment, each behind its own module so it can be tuned alone: ``popvault.kind`` and friends
+(:mod:`ingest.classify`, from headers, so fallback documents are classified too),
+``popvault.reply_text`` (:mod:`ingest.replytext`) and ``popvault.attachment_text`` /
+``attachment_errors`` (:mod:`ingest.attachtext`, full parse only: it needs the decoded parts).
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from functools import cache
 from typing import Any
 
 from ingest import __version__
+from ingest.attachtext import AttachmentTexts
+from ingest.classify import DEFAULT_RULES, ClassifyRules, classify
 from ingest.dedup import header_fields, header_text, normalize_message_id, split_message
 from ingest.htmltext import html_to_text
+from ingest.replytext import reply_text
 
 DEFAULT_MAX_BODY_CHARS = 1_000_000
 MAX_HEADER_VALUE_BYTES = 8191
@@ -84,15 +92,20 @@ def build_document(
     first_archived: str,
     max_body_chars: int = DEFAULT_MAX_BODY_CHARS,
     headers_only: bool = False,
+    classify_rules: ClassifyRules = DEFAULT_RULES,
 ) -> dict[str, Any]:
     """Parse ``raw`` into a document; on any parser error return the headers-only fallback.
 
     ``headers_only`` is for messages over ``max_message_bytes``: only the header block is read
-    and the document is flagged ``oversize``. Never raises for any input bytes.
+    and the document is flagged ``oversize``. ``classify_rules`` override the kind patterns
+    (a config's ``[support]`` table). Never raises for any input bytes.
     """
     ids = {"raw_sha256": raw_sha256, "message_key": message_key, "first_archived": first_archived}
     if headers_only:
-        return fallback_document(raw, parse_status=PARSE_OVERSIZE, parse_error=None, **ids)
+        return fallback_document(
+            raw, parse_status=PARSE_OVERSIZE, parse_error=None, classify_rules=classify_rules,
+            **ids,
+        )
     try:
         import mailparser
 
@@ -103,14 +116,19 @@ def build_document(
         headers = _header_message(split_message(raw)[0]) if _headers_cut_short(message) else message
         body = _body(parsed.text_plain, parsed.text_html, max_body_chars)
         attachments: list[dict[str, Any]] = []
-        count = _collect_attachments(message, attachments, 0)
+        texts = AttachmentTexts()
+        count = _collect_attachments(message, attachments, 0, texts)
         defects = _mailparser_defects(parsed.defects)
         return _assemble(
             headers, raw, ids, body=body, attachments=attachments, attachment_count=count,
             defects=defects, parse_status=PARSE_OK, parse_error=None,
+            tree=message, texts=texts, classify_rules=classify_rules,
         )
     except Exception as exc:  # any parser bug or hostile input: keep the message, flag it
-        return fallback_document(raw, parse_status=PARSE_FAILED, parse_error=error_text(exc), **ids)
+        return fallback_document(
+            raw, parse_status=PARSE_FAILED, parse_error=error_text(exc),
+            classify_rules=classify_rules, **ids,
+        )
 
 
 def fallback_document(
@@ -121,6 +139,7 @@ def fallback_document(
     first_archived: str,
     parse_status: str,
     parse_error: str | None,
+    classify_rules: ClassifyRules = DEFAULT_RULES,
 ) -> dict[str, Any]:
     """A document from the header block only, for oversize, failed and timed-out messages.
 
@@ -135,7 +154,7 @@ def fallback_document(
         return _assemble(
             message, raw, ids, body=empty_body, attachments=[], attachment_count=0,
             defects=[type(d).__name__ for d in message.defects][:MAX_DEFECTS],
-            parse_status=parse_status, parse_error=parse_error,
+            parse_status=parse_status, parse_error=parse_error, classify_rules=classify_rules,
         )
     except Exception as exc:
         error = f"{parse_error}; " if parse_error else ""
@@ -182,6 +201,9 @@ def _assemble(
     defects: list[str],
     parse_status: str,
     parse_error: str | None,
+    tree: Message | None = None,
+    texts: AttachmentTexts | None = None,
+    classify_rules: ClassifyRules = DEFAULT_RULES,
 ) -> dict[str, Any]:
     items = _raw_items(message)
     first = _first_values(items)
@@ -214,6 +236,8 @@ def _assemble(
         mail["attachments"] = attachments
 
     body_text, truncated, source = body
+    headers = header_map(items)
+    kind = classify(headers, tree, body_text=body_text, rules=classify_rules)
     popvault: dict[str, Any] = {
         "message_key": ids["message_key"],
         "raw_sha256": ids["raw_sha256"],
@@ -223,12 +247,13 @@ def _assemble(
         "body_text": body_text,
         "body_truncated": truncated,
         "body_source": source,
+        "reply_text": reply_text(body_text),
         "thread": {
             "in_reply_to": _thread_ids(first.get("in-reply-to")),
             "references": _thread_ids(first.get("references")),
         },
         "message_id_normalized": normalize_message_id(mail.get("message_id")),
-        "headers": header_map(items),
+        "headers": headers,
         "defects": defects,
         "parse_status": parse_status,
         "has_attachments": attachment_count > 0,
@@ -236,7 +261,13 @@ def _assemble(
         "parser": {"name": "mail-parser", "version": parser_version()},
         "popvault_version": __version__,
         "date_header_valid": date_value is not None,
+        **kind.fields(),
     }
+    if texts is not None:
+        if texts.texts:
+            popvault["attachment_text"] = texts.text
+        if texts.errors:
+            popvault["attachment_errors"] = list(texts.errors)
     if parse_status != PARSE_OK:
         popvault["parse_error"] = parse_error or parse_status
     if parse_status == PARSE_OVERSIZE:
@@ -468,7 +499,9 @@ def _body(plain: list[str], html: list[str], max_chars: int) -> tuple[str, bool,
     return text, False, source
 
 
-def _collect_attachments(part: Message, out: list[dict[str, Any]], depth: int) -> int:
+def _collect_attachments(
+    part: Message, out: list[dict[str, Any]], depth: int, texts: AttachmentTexts | None = None
+) -> int:
     """Append attachment records under ``part``; return how many were found (uncapped).
 
     A leaf is an attachment when it has a file name, says ``Content-Disposition: attachment``
@@ -476,7 +509,8 @@ def _collect_attachments(part: Message, out: list[dict[str, Any]], depth: int) -
     (``message/*`` with a name or ``attachment`` disposition) counts once, as one file. A
     multipart whose boundary never matched is broken structure, not a file. File names are
     never invented (mail-parser makes up random ones, which would make documents differ
-    between two parses of the same bytes).
+    between two parses of the same bytes). ``texts``, if given, gets each leaf's bytes for
+    text extraction (attached messages are not opened: their own archive copy is the record).
     """
     if depth > MAX_MIME_DEPTH:
         return 0
@@ -498,15 +532,26 @@ def _collect_attachments(part: Message, out: list[dict[str, Any]], depth: int) -
         payload = part.get_payload()
         for sub in payload if isinstance(payload, list) else []:
             if isinstance(sub, Message):
-                found += _collect_attachments(sub, out, depth + 1)
+                found += _collect_attachments(sub, out, depth + 1, texts)
         return found
     if mime_type.startswith("multipart/"):  # a multipart whose boundary never matched
         return 0
     if not (name or disposition == "attachment" or mime_type not in ("text/plain", "text/html")):
         return 0
     decoded = part.get_payload(decode=True)
-    _add_attachment(out, name, mime_type, decoded if isinstance(decoded, bytes) else b"")
+    data = decoded if isinstance(decoded, bytes) else b""
+    _add_attachment(out, name, mime_type, data)
+    if texts is not None:
+        texts.add(name, mime_type, data, _charset(part))
     return 1
+
+
+def _charset(part: Message) -> str | None:
+    try:
+        charset = part.get_content_charset()
+    except Exception:
+        return None
+    return charset if isinstance(charset, str) else None
 
 
 def _add_attachment(out: list[dict[str, Any]], name: str | None, mime: str, data: bytes) -> None:

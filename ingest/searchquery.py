@@ -12,7 +12,7 @@ The syntax is deliberately small and Gmail-like, so people can type it without r
     before:2026-02-01            sent before that day (00:00 UTC), exclusive
     account:work                 seen in that popvault account
     filename:report              an attachment whose name contains ``report`` (case-insensitive)
-    budget                       a word anywhere: subject, body text or attachment names
+    budget                       a word anywhere: subject, body text, attachment text or names
     "quarterly budget"           a phrase anywhere
     -term                        negates any of the above (``-from:x``, ``-"a phrase"``, ``-word``)
 
@@ -37,13 +37,15 @@ FIELD_FROM = "email.from.address"
 FIELDS_TO = ("email.to.address", "email.cc.address", "email.bcc.address")
 FIELD_SUBJECT = "email.subject"
 FIELD_BODY = "popvault.body_text"
+FIELD_ATTACHMENT_TEXT = "popvault.attachment_text"
 FIELD_FILENAME = "email.attachments.file.name"
 FIELD_HAS_ATTACHMENTS = "popvault.has_attachments"
 FIELD_TIMESTAMP = "@timestamp"
 FIELD_ACCOUNTS = "popvault.accounts"
-FREE_TEXT_FIELDS = (FIELD_SUBJECT, FIELD_BODY)
-"""Analysed text fields a free word or phrase is matched against (attachment names are
-keywords and are matched separately with a wildcard)."""
+FREE_TEXT_FIELDS = (FIELD_SUBJECT, FIELD_BODY, FIELD_ATTACHMENT_TEXT)
+"""Analysed text fields a free word or phrase is matched against: a compliance search must
+find a phrase whether it was typed or sent as a PDF. Attachment names are keywords and are
+matched separately with a wildcard."""
 
 MAX_QUERY_CHARS = 2_000
 """Longest query text accepted; a search box, not a bulk filter language."""
@@ -71,7 +73,7 @@ class DateBound(StrEnum):
 
 
 class TextScope(StrEnum):
-    ANY = "any"  # subject, body text and attachment names
+    ANY = "any"  # subject, body text, attachment text and attachment names
     SUBJECT = "subject"
 
 
@@ -370,7 +372,9 @@ def to_es_query(query: Query) -> dict[str, Any]:
     """The ``query`` part of an Elasticsearch search body for ``query``.
 
     Words and phrases score (``must``); addresses, dates, flags and accounts only filter
-    (``filter``, cacheable); negated terms go to ``must_not``.
+    (``filter``, cacheable); negated terms go to ``must_not``. Free text is a ``multi_match``
+    over :data:`FREE_TEXT_FIELDS` (subject, body text, attachment text) or an attachment-name
+    wildcard.
     """
     must: list[dict[str, Any]] = []
     filters: list[dict[str, Any]] = []

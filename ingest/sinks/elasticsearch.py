@@ -557,7 +557,22 @@ class ElasticsearchSink:
         self._call("adding alias " + n.messages_alias,  # pattern matches -undated at least
                    lambda: self._client.indices.put_alias(index=n.messages_pattern,
                                                           name=n.messages_alias))
+        self._upgrade_mappings(n.messages_pattern, messages)
+        self._upgrade_mappings(n.receipts_alias, receipts)
         self._ready = True
+
+    def _upgrade_mappings(self, target: str, template: dict[str, Any]) -> None:
+        """Push the template's mapping onto indices that already exist.
+
+        A template only shapes indices created after it; with ``dynamic: strict`` an index
+        made by an older popvault would reject documents carrying new fields. Adding fields is
+        always allowed; a changed field type is refused by Elasticsearch and reported here.
+        """
+        mappings = template.get("template", {}).get("mappings")
+        if not mappings:
+            return
+        self._call(f"updating the mapping of existing indices {target}",
+                   lambda: self._client.indices.put_mapping(index=target, **mappings))
 
     def _create_index(self, index: str, aliases: dict[str, Any] | None) -> None:
         from elastic_transport import ApiError

@@ -13,7 +13,8 @@ Layout (schema version in ``PRAGMA user_version``)::
     document_addresses(message_key, role, address, domain)   from/to/cc/bcc, lower-cased
     document_files(message_key, name)             attachment names, lower-cased
     receipts(account_id, uidl, ...Receipt fields, PK(account_id, uidl))
-    fts(message_key UNINDEXED, subject, body_text)   FTS5, unicode61 without diacritic folding
+    fts(message_key UNINDEXED, subject, body_text, attachment_text)   FTS5, unicode61 without
+                                                  diacritic folding (attachment_text: version 2)
 
 Why addresses and attachment names are plain tables, not FTS columns: Elasticsearch treats them
 as keywords (exact address, ``*@domain``, ``*substring*`` of a name); a tokenizer would turn
@@ -47,6 +48,7 @@ from typing import Any
 from ingest.errors import IndexFull, SinkError
 from ingest.outcome import Delivery, DuplicateReason, ReceiptStatus
 from ingest.searchquery import (
+    FIELD_ATTACHMENT_TEXT,
     FIELD_BODY,
     FIELD_FILENAME,
     FIELD_FROM,
@@ -81,9 +83,9 @@ from ingest.sinks.elasticsearch import (
     with_accounts,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; a file with a higher number was written by a newer
-popvault and is refused rather than misread."""
+popvault and is refused rather than misread. 2: ``fts`` gained ``attachment_text``."""
 DEFAULT_MAX_BODY_CHARS = 1_000_000
 """Same default as ElasticsearchConfig.max_body_chars, so both sinks index the same text."""
 BUSY_TIMEOUT_S = 30.0
@@ -140,8 +142,18 @@ _SCHEMA = (
         note TEXT,
         PRIMARY KEY (account_id, uidl)) WITHOUT ROWID""",
     """CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
-        message_key UNINDEXED, subject, body_text,
+        message_key UNINDEXED, subject, body_text, attachment_text,
         tokenize = 'unicode61 remove_diacritics 0')""",
+)
+_MIGRATE_FROM_1 = (
+    # FTS5 tables cannot ADD COLUMN: rename, create the new one (in _SCHEMA), copy, drop.
+    # Version-1 documents had no attachment text, so the new column starts empty.
+    "ALTER TABLE fts RENAME TO fts_v1",
+)
+_MIGRATE_FROM_1_COPY = (
+    "INSERT INTO fts(message_key, subject, body_text, attachment_text) "
+    "SELECT message_key, subject, body_text, '' FROM fts_v1",
+    "DROP TABLE fts_v1",
 )
 
 
@@ -197,7 +209,8 @@ def fts_expression(term: Text) -> str | None:
         body = _fts_string(tokens)
     else:
         body = "(" + " AND ".join(_fts_string([t]) for t in tokens) + ")"
-    columns = ["subject"] if term.scope is TextScope.SUBJECT else ["subject", "body_text"]
+    columns = (["subject"] if term.scope is TextScope.SUBJECT
+               else ["subject", "body_text", "attachment_text"])
     return " OR ".join(f"({c} : {body})" for c in columns)
 
 
@@ -294,7 +307,12 @@ class EmbeddedSink:
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                migrating = version == 1
+                for statement in _MIGRATE_FROM_1 if migrating else ():
+                    conn.execute(statement)
                 for statement in _SCHEMA:
+                    conn.execute(statement)
+                for statement in _MIGRATE_FROM_1_COPY if migrating else ():
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except BaseException:
@@ -396,9 +414,11 @@ class EmbeddedSink:
                          "VALUES (?, ?, ?, ?)", addresses)
         conn.executemany("INSERT INTO document_files(message_key, name) VALUES (?, ?)",
                          [(key, _clean(str(v)).lower()) for v in _values(doc, FIELD_FILENAME)])
-        conn.execute("INSERT INTO fts(message_key, subject, body_text) VALUES (?, ?, ?)",
+        conn.execute("INSERT INTO fts(message_key, subject, body_text, attachment_text) "
+                     "VALUES (?, ?, ?, ?)",
                      (key, _clean(" \n".join(str(v) for v in _values(doc, FIELD_SUBJECT))),
-                      _clean(" \n".join(str(v) for v in _values(doc, FIELD_BODY)))))
+                      _clean(" \n".join(str(v) for v in _values(doc, FIELD_BODY))),
+                      _clean(" \n".join(str(v) for v in _values(doc, FIELD_ATTACHMENT_TEXT)))))
 
     # -- reads ----------------------------------------------------------------------------------
 

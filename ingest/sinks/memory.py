@@ -34,6 +34,7 @@ from ingest.errors import IndexFull, SinkError
 from ingest.outcome import Delivery, DuplicateReason
 from ingest.searchquery import (
     FIELD_ACCOUNTS,
+    FIELD_ATTACHMENT_TEXT,
     FIELD_BODY,
     FIELD_FILENAME,
     FIELD_FROM,
@@ -294,7 +295,7 @@ def _holds(clause: Clause, doc: Mapping[str, Any]) -> bool:
     if isinstance(term, Text):
         needle = term.value.lower()
         fields = [FIELD_SUBJECT] if term.scope is TextScope.SUBJECT else [
-            FIELD_SUBJECT, FIELD_BODY, FIELD_FILENAME]
+            FIELD_SUBJECT, FIELD_BODY, FIELD_ATTACHMENT_TEXT, FIELD_FILENAME]
         result = any(needle in s for f in fields for s in _strings(doc, f))
     elif isinstance(term, Address):
         fields = [FIELD_FROM] if term.role is AddressRole.FROM else list(FIELDS_TO)

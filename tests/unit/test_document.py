@@ -243,3 +243,24 @@ def test_attached_message_counts_as_one_file() -> None:
     files = [a["file"] for a in doc["email"]["attachments"]]
     assert [f["mime_type"] for f in files] == ["message/rfc822"]
     assert files[0]["name"] == "original.eml" and files[0]["size"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(SPECIAL))
+def test_every_corpus_case_is_enriched(name: str) -> None:
+    pv = build(SPECIAL[name])["popvault"]
+    assert pv["kind"] in ("human", "auto_reply", "bounce", "list")
+    assert isinstance(pv["spam"], bool) and isinstance(pv["kind_reasons"], list)
+    assert len(pv["reply_text"]) <= len(pv["body_text"])
+
+
+def test_generated_mail_is_human_and_random_attachments_are_flagged() -> None:
+    doc = build(corpus.with_attachments(seed=3, count=3, size=4000))
+    pv = doc["popvault"]
+    assert pv["kind"] == "human" and pv["spam"] is False and pv["kind_reasons"] == []
+    assert pv["reply_text"] == pv["body_text"].strip()
+    names = [a["file"]["name"] for a in doc["email"]["attachments"]]
+    flagged = {entry.split(": ", 1)[0] for entry in pv.get("attachment_errors", [])}
+    # random bytes: a "report.pdf" is no PDF, a "data.csv" is binary; images and zips unread
+    expected = {n for n in names if n.endswith(("report.pdf", "data.csv"))}
+    assert flagged == expected
+    assert "attachment_text" not in pv

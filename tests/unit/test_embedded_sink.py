@@ -178,10 +178,13 @@ def test_query_syntax_error_before_touching_the_file(db: Path) -> None:
 
 
 @pytest.mark.parametrize(("term", "expected"), [
-    (Text("budget"), '(subject : ("budget")) OR (body_text : ("budget"))'),
-    (Text("a-b"), '(subject : ("a" AND "b")) OR (body_text : ("a" AND "b"))'),
+    (Text("budget"), '(subject : ("budget")) OR (body_text : ("budget"))'
+                     ' OR (attachment_text : ("budget"))'),
+    (Text("a-b"), '(subject : ("a" AND "b")) OR (body_text : ("a" AND "b"))'
+                  ' OR (attachment_text : ("a" AND "b"))'),
     (Text("please find", phrase=True),
-     '(subject : "please find") OR (body_text : "please find")'),
+     '(subject : "please find") OR (body_text : "please find")'
+     ' OR (attachment_text : "please find")'),
     (Text('AND"NOT', scope=TextScope.SUBJECT), '(subject : ("AND" AND "NOT"))'),
     (Text("!!"), None),
 ])

@@ -137,7 +137,8 @@ def test_es_translation_puts_text_in_must_filters_in_filter_and_negations_in_mus
     ]
     assert body["must"][0] == {"match": {"email.subject": {"query": "hello", "operator": "and"}}}
     free = body["must"][1]["bool"]["should"]
-    assert free[0]["multi_match"]["fields"] == ["email.subject", "popvault.body_text"]
+    assert free[0]["multi_match"]["fields"] == ["email.subject", "popvault.body_text",
+                                                "popvault.attachment_text"]
     assert free[1] == {"wildcard": {"email.attachments.file.name": {
         "value": "*budget*", "case_insensitive": True}}}
     assert body["must_not"] == [{"term": {"popvault.accounts": "old"}}]
