@@ -6,6 +6,11 @@ renamed into place; durability is a separate step (:meth:`RawStore.flush`) so th
 ``syncfs`` covers a whole batch instead of one ``fsync`` per message (group commit). Nothing
 may be acknowledged — receipt, DELE — before the flush that covers its object returned.
 
+Encryption at rest is optional (``cipher``, see :mod:`ingest.crypto`): the zstd stream is
+sealed after compression, the object keeps its name (the SHA-256 of the original bytes), and a
+four-byte magic tells sealed objects from plain ones, so a store may hold both: switching
+encryption on never rewrites or strands what was archived before.
+
 The :class:`RawStore` protocol is what an object-store backend will implement later.
 """
 
@@ -20,11 +25,15 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 import zstandard
 
 from ingest.errors import ArchiveError
+
+if TYPE_CHECKING:
+    from ingest.config import Config
+    from ingest.crypto import ObjectCipher
 
 ZSTD_LEVEL = 3
 """Fast level: mail compresses ~3-5x here and the CPU goes to parsing instead."""
@@ -67,10 +76,15 @@ _SYNCFS = _load_syncfs()
 
 
 class FilesystemStore:
-    """Raw objects under ``<root>/raw/ab/cd/<sha256>.zst``; see the module docstring."""
+    """Raw objects under ``<root>/raw/ab/cd/<sha256>.zst``; see the module docstring.
 
-    def __init__(self, root: Path) -> None:
+    ``cipher``: seal new objects with it (and open sealed ones). Without it, sealed objects
+    cannot be read (ArchiveError saying so) but plain ones still can.
+    """
+
+    def __init__(self, root: Path, *, cipher: ObjectCipher | None = None) -> None:
         self.root = Path(root)
+        self.cipher = cipher
         self.raw_dir = self.root / "raw"
         self.tmp_dir = self.root / "tmp"
         try:
@@ -102,12 +116,16 @@ class FilesystemStore:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
-                writer = self._compressor.stream_writer(fh, closefd=False)
+                sealer = self.cipher.writer(fh) if self.cipher is not None else None
+                target: IO[bytes] = sealer if sealer is not None else fh  # type: ignore[assignment]
+                writer = self._compressor.stream_writer(target, closefd=False)
                 for chunk in _source(chunks):
                     digest.update(chunk)
                     size += len(chunk)
                     writer.write(chunk)
                 writer.flush(zstandard.FLUSH_FRAME)
+                if sealer is not None:
+                    sealer.close()
             sha = digest.hexdigest()
             final = self.path_for(sha)
             if final.exists():
@@ -166,11 +184,32 @@ class FilesystemStore:
         except FileNotFoundError:
             raise ArchiveError(f"raw object {sha256} is missing from {self.raw_dir}") from None
 
+    def _zstd_source(self, fh: IO[bytes], sha256: str) -> IO[bytes]:
+        """The zstd stream of an open object: the file itself, or its decrypting reader."""
+        from ingest.crypto import is_encrypted
+
+        head = fh.read(4)
+        fh.seek(0)
+        if not is_encrypted(head):
+            return fh
+        if self.cipher is None:
+            raise ArchiveError(f"raw object {sha256} is encrypted but no [encryption] key is "
+                               "configured")
+        return self.cipher.reader(fh, sha256=sha256)  # type: ignore[return-value]
+
+    def is_encrypted(self, sha256: str) -> bool:
+        """Whether the stored object is sealed (for reports; reading handles both)."""
+        from ingest.crypto import is_encrypted
+
+        with self.open_compressed(sha256) as fh:
+            return is_encrypted(fh.read(4))
+
     def read(self, sha256: str) -> bytes:
-        """Return the original bytes, verified against their hash."""
+        """Return the original bytes, decrypted if sealed, verified against their hash."""
         with self.open_compressed(sha256) as fh:
             try:
-                data = zstandard.ZstdDecompressor().stream_reader(fh).read()
+                source = self._zstd_source(fh, sha256)
+                data = zstandard.ZstdDecompressor().stream_reader(source).read()
             except zstandard.ZstdError as exc:
                 raise ArchiveError(f"raw object {sha256} is corrupt: {exc}") from None
         if hashlib.sha256(data).hexdigest() != sha256:
@@ -184,7 +223,8 @@ class FilesystemStore:
         size = 0
         with self.open_compressed(sha256) as fh:
             try:
-                reader = zstandard.ZstdDecompressor().stream_reader(fh)
+                source = self._zstd_source(fh, sha256)
+                reader = zstandard.ZstdDecompressor().stream_reader(source)
                 while chunk := reader.read(READ_CHUNK_BYTES):
                     digest.update(chunk)
                     size += len(chunk)
@@ -205,6 +245,16 @@ class FilesystemStore:
     def iter_hashes(self) -> Iterator[str]:
         for path in sorted(self.raw_dir.glob("*/*/*" + OBJECT_SUFFIX)):
             yield path.name[: -len(OBJECT_SUFFIX)]
+
+
+def open_store(config: Config) -> FilesystemStore:
+    """The raw store a configuration describes: ``[archive] path``, sealed with the
+    ``[encryption]`` key when that table is present. Use this instead of constructing
+    :class:`FilesystemStore` directly, so no code path writes plaintext by accident."""
+    from ingest.crypto import cipher_from_config
+
+    return FilesystemStore(config.archive_path,
+                           cipher=cipher_from_config(config.raw, path=config.path))
 
 
 class _SourceFailed(Exception):

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ingest import __version__
-from ingest.archive import FilesystemStore
+from ingest.archive import open_store
 from ingest.config import Config, load_config
 from ingest.errors import EXIT_FAILED, EXIT_USAGE, PopvaultError, exit_code
 from ingest.poll import AccountReport, PollOptions, poll_account
@@ -143,7 +143,7 @@ def poll(
 
             def one(account_id: str) -> AccountReport:
                 options = PollOptions(accept_uidl_reset=accept_uidl_reset, progress=hook)
-                store = FilesystemStore(config.archive_path)
+                store = open_store(config)
                 return poll_account(config, account_id, sink=sink, store=store,
                                     parser=parser, options=options)
 
@@ -288,7 +288,7 @@ def _register_worker_commands() -> None:
     register(app, accounts_app)
 
 
-COMMAND_MODULES: tuple[str, ...] = ("cli_compliance", "cli_backfill")
+COMMAND_MODULES: tuple[str, ...] = ("cli_compliance", "cli_backfill", "cli_integrity")
 """Modules under ``ingest`` that add commands with ``register(app)``; one line each."""
 
 

@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ingest.archive import FilesystemStore
+from ingest.archive import open_store
 from ingest.cli import ConfigOpt, JsonOpt, _config, _parser, _run, err, out
 from ingest.config import DEFAULT_MAX_MESSAGE_BYTES, Config
 from ingest.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, PopvaultError, exit_code
@@ -71,7 +71,7 @@ def import_command(
     sink = _run(lambda: open_sink(config))
     try:
         _run(sink.ensure_schema)
-        store = _run(lambda: FilesystemStore(config.archive_path))
+        store = _run(lambda: open_store(config))
         es = config.elasticsearch
         show_progress = not as_json and err.is_terminal
         with _parser(config) as parser, Progress(

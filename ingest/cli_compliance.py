@@ -118,7 +118,7 @@ def retention_apply(
 ) -> None:
     """Delete expired messages (documents and unreferenced raw objects; receipts are kept,
     marked expired), recording each batch in the audit trail."""
-    from ingest.archive import FilesystemStore
+    from ingest.archive import open_store
     from ingest.retention import apply_retention, plan_retention
     from ingest.sinks.factory import open_sink
     from ingest.sinks.lifecycle import lifecycle_for
@@ -140,7 +140,7 @@ def retention_apply(
                 return
             if not typer.confirm(f"Delete {preview.expired} message(s) for good?"):
                 raise typer.Exit(EXIT_FAILED)
-        store = _run(lambda: FilesystemStore(config.archive_path))
+        store = _run(lambda: open_store(config))
         report = _run(lambda: apply_retention(policy, sink, store, config.archive_path,
                                               actor=actor))
     finally:

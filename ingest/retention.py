@@ -505,7 +505,7 @@ def run_scheduled(config: Config) -> dict[str, Any]:
     Returns a JSON-safe summary for the worker log; ``{"status": "not_configured"}`` when the
     file has no ``[retention]``.
     """
-    from ingest.archive import FilesystemStore
+    from ingest.archive import open_store
     from ingest.sinks.factory import open_sink
 
     policy = parse_retention(config)
@@ -514,7 +514,7 @@ def run_scheduled(config: Config) -> dict[str, Any]:
     sink = open_sink(config)
     try:
         sink.ensure_schema()
-        report = apply_retention(policy, sink, FilesystemStore(config.archive_path),
+        report = apply_retention(policy, sink, open_store(config),
                                  config.archive_path, actor=SCHEDULED_ACTOR)
     finally:
         sink.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing.process as mp_process
 import os
+import signal
 import tempfile
 import threading
 from contextlib import ExitStack
@@ -23,17 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
+from celery.schedules import crontab
 from kombu import Queue
 
-from ingest.archive import FilesystemStore
+from ingest.archive import FilesystemStore, open_store
 from ingest.config import Config, load_config
 from ingest.errors import ConfigError
-from workers import metrics
+from ingest.events import parse_events_config
+from workers import embedded_redis, metrics
+from workers.events import DISPATCH_TASK, EVENTS_QUEUE
 from workers.schedule import (
     POLL_QUEUE,
     SWEEP_QUEUE,
     WorkerSettings,
-    broker_url,
     parse_worker_settings,
 )
 
@@ -41,6 +44,9 @@ log = logging.getLogger("popvault.workers")
 
 SWEEP_TASK = "popvault.sweep"
 POLL_TASK = "popvault.poll_account"
+RETENTION_TASK = "popvault.retention"
+RETENTION_HOUR_UTC = 3
+"""Daily retention runs at 03:30 UTC, on the sweep queue (maintenance, not polling)."""
 SWEEP_TIME_LIMIT_S = 120
 """A sweep over many thousands of accounts takes well under a second; this only catches hangs."""
 REDIS_SOCKET_TIMEOUT_S = 10.0
@@ -50,9 +56,11 @@ def create_app(config: Config, settings: WorkerSettings | None = None) -> Celery
     """A Celery app for ``config``; tasks come from :mod:`workers.tasks`."""
     settings = settings or parse_worker_settings(config)
     s = settings.schedule
-    url = broker_url(config)
-    app = Celery("popvault", broker=url, include=["workers.tasks"])
-    beat_file = s.beat_schedule_file or str(Path(tempfile.gettempdir()) / "popvault-beat")
+    # Without [broker]: the embedded Redis of the archive (started by `popvault run`).
+    url = embedded_redis.celery_broker_url(config)
+    app = Celery("popvault", broker=url, include=["workers.tasks", "workers.events"])
+    beat_file = (s.beat_schedule_file or embedded_redis.beat_schedule_file(config)
+                 or str(Path(tempfile.gettempdir()) / "popvault-beat"))
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -69,8 +77,14 @@ def create_app(config: Config, settings: WorkerSettings | None = None) -> Celery
         broker_connection_retry_on_startup=True,
         task_queues=(Queue(POLL_QUEUE), Queue(SWEEP_QUEUE)),
         task_default_queue=POLL_QUEUE,
-        task_routes={SWEEP_TASK: {"queue": SWEEP_QUEUE}, POLL_TASK: {"queue": POLL_QUEUE}},
+        task_routes={SWEEP_TASK: {"queue": SWEEP_QUEUE}, POLL_TASK: {"queue": POLL_QUEUE},
+                     RETENTION_TASK: {"queue": SWEEP_QUEUE}},
         beat_schedule={
+            "popvault-retention": {
+                "task": RETENTION_TASK,
+                "schedule": crontab(hour=RETENTION_HOUR_UTC, minute=30),
+                "options": {"queue": SWEEP_QUEUE, "expires": 6 * 3600},
+            },
             "popvault-sweep": {
                 "task": SWEEP_TASK,
                 "schedule": s.sweep_interval_s,
@@ -84,6 +98,14 @@ def create_app(config: Config, settings: WorkerSettings | None = None) -> Celery
         worker_send_task_events=True,
         task_send_sent_event=True,
     )
+    events = parse_events_config(config)
+    if events is not None:  # ticket events: a dispatcher run every few seconds, own queue
+        app.conf.task_queues = (*app.conf.task_queues, Queue(EVENTS_QUEUE))
+        app.conf.task_routes = {**app.conf.task_routes, DISPATCH_TASK: {"queue": EVENTS_QUEUE}}
+        app.conf.beat_schedule = {**app.conf.beat_schedule, "popvault-events-dispatch": {
+            "task": DISPATCH_TASK, "schedule": events.dispatch_interval_s,
+            "options": {"queue": EVENTS_QUEUE, "expires": max(1.0, events.dispatch_interval_s)},
+        }}
     return app
 
 
@@ -125,7 +147,7 @@ class Runtime:
             import redis
 
             self._redis = redis.Redis.from_url(
-                broker_url(self._config), socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                embedded_redis.redis_url(self._config), socket_timeout=REDIS_SOCKET_TIMEOUT_S,
                 socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S, health_check_interval=30)
         return self._redis
 
@@ -142,7 +164,7 @@ class Runtime:
                     sink = open_sink(config)
                     stack.callback(sink.close)
                     sink.ensure_schema()
-                    store = FilesystemStore(config.archive_path)
+                    store = open_store(config)
                     parser = stack.enter_context(ParserPool(
                         workers=1, timeout_s=config.parse.timeout_s,
                         memory_mb=config.parse.memory_mb))
@@ -188,6 +210,17 @@ def runtime() -> Runtime:
 
 @signals.worker_init.connect
 def _on_worker_init(**_: Any) -> None:
+    if os.environ.get(embedded_redis.SUPERVISED_ENV):
+        # Started by `popvault run`, whose death (even by SIGKILL) the kernel reports with
+        # this signal: take the whole process group down (beat, pool processes, their parser
+        # children), not only this process, so no unsupervised part of the tree lives on.
+        signal.signal(embedded_redis.SUPERVISOR_GONE_SIGNAL,
+                      lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL))
+    if _config.broker is None and not embedded_redis.EmbeddedRedis(_config.archive_path).ping():
+        # Kombu would only retry in silence: say who starts the embedded server.
+        log.error("no [broker] and no embedded Redis answers under %s: start workers with "
+                  "`popvault run` (it starts one), or configure [broker] url",
+                  embedded_redis.broker_dir(_config.archive_path))
     if _settings.metrics_port:
         metrics.start_server(_settings.metrics_port, _settings.metrics_addr)
 

@@ -6,6 +6,7 @@ the commands only, so the rest of the CLI starts without them.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ingest.config import Config, load_config
@@ -38,20 +40,28 @@ def _config(path: Path | None) -> Config:
     try:
         return load_config(path)
     except PopvaultError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(exit_code(exc)) from None
 
 
 def _redis(config: Config) -> Any:
-    """A Redis client for the broker database, checked with PING."""
+    """A Redis client for the broker database, checked with PING.
+
+    Without ``[broker]``: the archive's embedded Redis; if no ``popvault run`` serves it, a
+    temporary server is started for this command and stopped when the command exits.
+    """
     import redis
 
-    from workers.schedule import broker_url
+    from workers import embedded_redis
 
     try:
-        url = broker_url(config)
+        url = embedded_redis.redis_url(config)
+        if config.broker is None:
+            server = embedded_redis.EmbeddedRedis(config.archive_path)
+            if server.start(exclusive=False):
+                atexit.register(server.stop)
     except PopvaultError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(exit_code(exc)) from None
     client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
     try:
@@ -165,33 +175,55 @@ def register(app: typer.Typer, accounts_app: typer.Typer) -> None:
     ) -> None:
         """Run a worker with an embedded beat on this machine (one process tree).
 
+        Without ``[broker]`` it first starts the archive's embedded Redis (unix socket under
+        ``<archive path>/broker/``) and stops it after the worker has exited.
+
         SIGTERM or Ctrl-C: warm shutdown (running polls finish); a second one, or
         ``RUN_STOP_TIMEOUT_S`` later, a cold shutdown (running polls end without QUIT, so the
         server deletes nothing; their tasks are redelivered).
         """
         config = _config(config_path)
-        from workers.schedule import POLL_QUEUE, SWEEP_QUEUE, broker_url, parse_worker_settings
+        from ingest.events import parse_events_config
+        from workers.embedded_redis import EmbeddedRedis
+        from workers.events import EVENTS_QUEUE
+        from workers.schedule import POLL_QUEUE, SWEEP_QUEUE, parse_worker_settings
 
+        # Without [broker], this process owns the archive's embedded Redis for its lifetime.
+        server = EmbeddedRedis(config.archive_path) if config.broker is None else None
         try:
             parse_worker_settings(config)
-            broker_url(config)
+            if server is not None:
+                server.start(exclusive=True)
         except PopvaultError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exit_code(exc)) from None
         env = dict(os.environ)
         if config.path is not None:
             env["POPVAULT_CONFIG"] = str(Path(config.path).resolve())
+        queues = [POLL_QUEUE, SWEEP_QUEUE]
+        if parse_events_config(config) is not None:  # the ticket-event dispatcher's queue
+            queues.append(EVENTS_QUEUE)
         cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-B",
                "--pool", "prefork", "--concurrency", str(max(1, concurrency)),
-               "--loglevel", loglevel, "-Q", f"{POLL_QUEUE},{SWEEP_QUEUE}"]
-        raise typer.Exit(supervise(cmd, env))
+               "--loglevel", loglevel, "-Q", ",".join(queues)]
+        try:
+            code = supervise(cmd, env)
+        finally:
+            if server is not None:  # after the worker: its warm shutdown still needs Redis
+                server.stop()
+        raise typer.Exit(code)
 
 
 def supervise(cmd: list[str], env: dict[str, str]) -> int:
     """Run ``cmd``, forwarding SIGTERM/SIGINT as a warm shutdown and escalating to SIGQUIT."""
+    from workers.embedded_redis import SUPERVISED_ENV, SUPERVISOR_GONE_SIGNAL, die_with_parent
+
     # Own session: a terminal's Ctrl-C reaches only us, and we forward exactly one signal
-    # (Celery treats a second one as "cold shutdown now").
-    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # (Celery treats a second one as "cold shutdown now"). If we die, even by SIGKILL, the
+    # kernel tells the worker, which then kills its own process group (workers.app): no
+    # unsupervised worker, beat or parser is left behind.
+    child = subprocess.Popen(cmd, env={**env, SUPERVISED_ENV: "1"}, start_new_session=True,
+                             preexec_fn=die_with_parent(SUPERVISOR_GONE_SIGNAL))
     stopping: list[float] = []
 
     def forward(signum: int, _frame: Any) -> None:

@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from ingest.errors import AuthError, ConfigError, PopvaultError
 from workers import health, metrics
-from workers.app import POLL_TASK, SWEEP_TASK, Runtime, app, runtime
+from workers.app import POLL_TASK, RETENTION_TASK, SWEEP_TASK, Runtime, app, runtime
 from workers.limits import HostSlot, busy_retry_s
 from workers.locks import AccountLock, Heartbeat
 from workers.schedule import POLL_QUEUE, next_poll, now_ms
@@ -60,6 +60,16 @@ def sweep() -> dict[str, Any]:
              result.seeded, len(result.resumed), result.backlog, result.duration_s,
              extra=result.to_dict())
     return result.to_dict()
+
+
+@app.task(name=RETENTION_TASK, soft_time_limit=6 * 3600, time_limit=6 * 3600 + 300)
+def retention() -> dict[str, Any]:
+    """Apply the configured retention policy (beat sends this daily); a no-op without one."""
+    from ingest.retention import run_scheduled
+
+    result = run_scheduled(runtime().config())
+    log.info("retention %s", result.get("status", "done"), extra=result)
+    return result
 
 
 @app.task(bind=True, name=POLL_TASK)
