@@ -288,7 +288,8 @@ def _register_worker_commands() -> None:
     register(app, accounts_app)
 
 
-COMMAND_MODULES: tuple[str, ...] = ("cli_compliance", "cli_backfill", "cli_integrity")
+COMMAND_MODULES: tuple[str, ...] = ("cli_compliance", "cli_backfill", "cli_integrity",
+                                     "cli_kibana")
 """Modules under ``ingest`` that add commands with ``register(app)``; one line each."""
 
 
