@@ -280,3 +280,26 @@ def test_embedded_default_without_elasticsearch(mailbox_factory: Any, write_conf
     done = run_cli("search", f'subject:"{subject.decode()}"', "--json", config=config)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["total"] >= 1
+
+
+@pytest.mark.parametrize("backend", ["elasticsearch", "embedded"])
+def test_phrase_inside_an_attached_contract_is_found_by_search(
+        backend: str, mailbox_factory: Any, write_config: Any, es_prefix: str) -> None:
+    """A phrase only present in a PDF/DOCX attachment finds the message (issue: compliance)."""
+    from tests.unit.test_attachtext import make_docx, make_pdf, message
+
+    box = mailbox_factory()
+    box.deliver(message(("contract.pdf", "application/pdf",
+                         make_pdf(["Master agreement", "the indemnification ceiling applies"]))))
+    box.deliver(message(("memo.docx", "application/vnd.openxmlformats-officedocument."
+                         "wordprocessingml.document", make_docx("quarterly walrus inventory"))))
+    box.deliver_many(corpus.generate_mail(seed=31, n=10))
+    config = write_config(accounts=[box.account_config()],
+                          es_prefix=es_prefix if backend == "elasticsearch" else None)
+    assert poll_json(config)[0] == 0
+    for query, name in (('"indemnification ceiling"', "contract.pdf"),
+                        ("walrus", "memo.docx")):
+        done = run_cli("search", query, "--json", config=config)
+        assert done.returncode == 0, done.stderr
+        hits = json.loads(done.stdout)["hits"]
+        assert [h["document"]["attachments"] for h in hits] == [[name]], query
