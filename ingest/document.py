@@ -33,6 +33,7 @@ from ingest.attachtext import AttachmentTexts
 from ingest.classify import DEFAULT_RULES, ClassifyRules, classify
 from ingest.dedup import header_fields, header_text, normalize_message_id, split_message
 from ingest.htmltext import html_to_text
+from ingest.mimefast import join_base64_bodies
 from ingest.replytext import reply_text
 
 DEFAULT_MAX_BODY_CHARS = 1_000_000
@@ -109,7 +110,7 @@ def build_document(
     try:
         import mailparser
 
-        parsed = mailparser.parse_from_bytes(raw)
+        parsed = mailparser.parse_from_bytes(join_base64_bodies(raw))  # same payloads, faster
         message = parsed.message
         if message is None:
             raise ValueError("mail-parser returned no message")

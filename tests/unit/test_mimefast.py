@@ -1,0 +1,76 @@
+"""join_base64_bodies: a faster parser input that must never change what is parsed."""
+
+from __future__ import annotations
+
+import base64
+import email
+import json
+from email import policy
+
+import pytest
+
+from ingest import document
+from ingest.document import build_document
+from ingest.mimefast import MIN_JOIN_BYTES, join_base64_bodies
+from tests import corpus
+
+
+def _doc(raw: bytes) -> str:
+    doc = build_document(raw, raw_sha256="0" * 64, message_key="k",
+                         first_archived="2026-01-01T00:00:00Z")
+    return json.dumps(doc, sort_keys=True)
+
+
+def _doc_without_join(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The document as mail-parser builds it from the bytes untouched (the reference)."""
+    with monkeypatch.context() as m:
+        m.setattr(document, "join_base64_bodies", lambda b: b)
+        return _doc(raw)
+
+
+def _with_attachment(payload: bytes, *, newline: bytes = b"\r\n") -> bytes:
+    b64 = base64.encodebytes(payload).replace(b"\n", newline)
+    return newline.join([
+        b"From: a@example.com", b"To: b@example.com", b"Subject: att",
+        b"Message-ID: <att@example.com>", b"MIME-Version: 1.0",
+        b'Content-Type: multipart/mixed; boundary="BB"', b"", b"--BB",
+        b"Content-Type: text/plain", b"", b"hello", b"--BB",
+        b'Content-Type: application/octet-stream; name="x.bin"',
+        b"Content-Transfer-Encoding: BASE64", b"", b64 + b"--BB--", b""])
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\n"])
+def test_large_base64_part_is_joined_and_decodes_to_the_same_bytes(
+        newline: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = bytes(range(256)) * 400
+    raw = _with_attachment(payload, newline=newline)
+    joined = join_base64_bodies(raw)
+    assert len(joined.splitlines()) < len(raw.splitlines()) - 100
+    parts = [p for p in email.message_from_bytes(joined, policy=policy.compat32).walk()
+             if p.get_filename() == "x.bin"]
+    assert parts[0].get_payload(decode=True) == payload
+    assert _doc(raw) == _doc_without_join(raw, monkeypatch)
+
+
+def test_bodies_that_are_not_pure_base64_or_small_are_left_alone() -> None:
+    small = _with_attachment(b"tiny")
+    assert join_base64_bodies(small) == small
+    text = b"A" * 76 + b"\r\n"
+    looks_like = (b"From: a@example.com\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                  + text * (MIN_JOIN_BYTES // 70) + b"not base64: a sentence.\r\n")
+    assert join_base64_bodies(looks_like) == looks_like
+    plain = b"Subject: x\r\n\r\n" + text * 1000  # base64-looking lines, no base64 header
+    assert join_base64_bodies(plain) == plain
+
+
+def test_documents_are_identical_over_every_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    messages = (corpus.benchmark_mix(7, 60).messages
+                + list(corpus.special_cases().values())
+                + corpus.generate_corpus(3, 40, mix="hostile").messages
+                + [corpus.big_attachment(2 * 1024 * 1024)])
+    changed = 0
+    for raw in messages:
+        joined = join_base64_bodies(raw)
+        changed += joined != raw
+        assert _doc(raw) == _doc_without_join(raw, monkeypatch)
+    assert changed >= 10, "the benchmark mix has many large attachments to join"
