@@ -49,6 +49,7 @@ from benchmarks.bench_poll import make_mailbox
 from benchmarks.measure import _tree_rss
 from tests import corpus
 from tests.harness import dovecot, settings
+from tests.integration.support import lease_key, release_lease
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD_ENV = "BENCH_POP_PASSWORD"
@@ -311,7 +312,7 @@ def naive_check(s: settings.Settings, names: list[str], password: str,
 def leased_db(s: settings.Settings, db: int, ttl_s: int = 4 * 3600) -> Iterator[redis.Redis]:
     """Redis db ``db``, leased in db 0 with the tests' key so no pytest run flushes it meanwhile."""
     meta = redis.Redis(host=s.host, port=s.redis_port, db=0)
-    key, token = f"popvault-test:db-lease:{db}", uuid.uuid4().hex
+    key, token = lease_key(db), uuid.uuid4().hex
     if not meta.set(key, token, nx=True, ex=ttl_s):
         meta.close()
         raise SystemExit(f"Redis db {db} is leased by someone else ({key}); pass --db N")
@@ -323,8 +324,7 @@ def leased_db(s: settings.Settings, db: int, ttl_s: int = 4 * 3600) -> Iterator[
         with suppress(redis.RedisError):
             client.flushdb()
         client.close()
-        if meta.get(key) == token.encode():
-            meta.delete(key)
+        release_lease(meta, db, token)
         meta.close()
 
 

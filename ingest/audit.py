@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import getpass
 import hashlib
 import json
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.errors import ArchiveError
+from ingest.filelock import exclusive_lock
 
 AUDIT_DIR = "audit"
 AUDIT_FILE = "audit.log"
@@ -172,19 +172,8 @@ class AuditLog:
     def __repr__(self) -> str:
         return f"AuditLog(path={str(self.path)!r})"
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise ArchiveError(f"cannot open the audit lock {self.lock_path}: "
-                               f"{exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(self.lock_path, label=f"the audit lock {self.lock_path}")
 
     def append(self, action: str, *, what: Mapping[str, Any], why: Mapping[str, Any],
                actor: str | None = None, now: str | None = None) -> AuditEntry:

@@ -35,6 +35,7 @@ from ingest.importer import (
     validate_account_id,
 )
 from ingest.migrate import MigrationReport, migrate_to_elasticsearch
+from ingest.threads import thread_rules_from_config
 
 if TYPE_CHECKING:
     from ingest.sinks.elasticsearch import ElasticsearchSink
@@ -92,7 +93,7 @@ def import_command(
                 paths, account_id=account, sink=sink, store=store, parser=parser,
                 max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
                 max_body_chars=es.max_body_chars if es else DEFAULT_MAX_BODY_CHARS,
-                now=_utc_now, progress=hook))
+                now=_utc_now, progress=hook, thread_rules=thread_rules_from_config(config)))
         if report.new or report.joined:
             _run(sink.refresh)
     finally:

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ingest.audit import Action, AuditLog, default_actor
-from ingest.cli import ConfigOpt, JsonOpt, err, out
-from ingest.config import Config, load_config
-from ingest.errors import EXIT_FAILED, EXIT_USAGE, PopvaultError, exit_code
+from ingest.cli import ConfigOpt, JsonOpt, _config, _run, err, out
+from ingest.config import Config
+from ingest.errors import EXIT_FAILED, EXIT_USAGE
 from ingest.holds import HoldStore
 from ingest.retention import RetentionPolicy, parse_retention
 
@@ -33,26 +30,6 @@ retention_app = typer.Typer(no_args_is_help=True,
 hold_app = typer.Typer(no_args_is_help=True,
                        help="Legal holds: messages matching a hold are never expired.")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail.")
-
-T = TypeVar("T")
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """Call ``fn``; our errors become one line and the mapped exit code.
-
-    Like ``ingest.cli._run``, but the message is escaped: config errors name TOML tables
-    (``[[retention.rules]]``, ``[retention]``) that rich would otherwise eat as markup.
-    """
-    try:
-        return fn()
-    except PopvaultError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(exit_code(exc)) from None
-
-
-def _config(path: Path | None) -> Config:
-    return _run(lambda: load_config(path))
-
 
 def register(app: typer.Typer) -> None:
     """Add the ``retention``, ``hold`` and ``audit`` command groups to ``app``."""

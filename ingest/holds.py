@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ingest.errors import ArchiveError, ConfigError
+from ingest.filelock import exclusive_lock
 from ingest.searchquery import QuerySyntaxError, parse_query
 
 HOLDS_FILE = "holds.json"
@@ -140,18 +139,8 @@ class HoldStore:
                     return released
         raise HoldError(f"no active hold named {name!r} (see `popvault hold list`)")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise ArchiveError(f"cannot open {self.lock_path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(self.lock_path)
 
     def _write(self, holds: list[Hold]) -> None:
         body = {"version": FILE_VERSION,

@@ -34,6 +34,7 @@ from ingest.outcome import Delivery, DuplicateReason
 from ingest.parse import ParserPool
 from ingest.pipeline import Ingester, Written
 from ingest.sinks.base import Sink
+from ingest.threads import DEFAULT_THREAD_RULES, ThreadRules
 
 log = logging.getLogger("popvault.importer")
 
@@ -241,7 +242,7 @@ def _groups(hashed: Iterator[_Hashed]) -> Iterator[list[_Hashed]]:
 def import_paths(paths: Iterable[Path], *, account_id: str, sink: Sink, store: RawStore,
                  parser: ParserPool, max_message_bytes: int, max_body_chars: int,
                  now: Callable[[], str], progress: ImportProgress | None = None,
-                 ) -> ImportReport:
+                 thread_rules: ThreadRules = DEFAULT_THREAD_RULES) -> ImportReport:
     """Import every message of ``paths`` (mbox files, Maildirs, ``.eml`` directories).
 
     Raises InvalidImport before reading anything if the account id or a path is unusable;
@@ -254,7 +255,7 @@ def import_paths(paths: Iterable[Path], *, account_id: str, sink: Sink, store: R
                           bytes_total=sum(s.size for s in sources))
     ingester = Ingester(account_id=account_id, sink=sink, store=store, parser=parser,
                         max_message_bytes=max_message_bytes, max_body_chars=max_body_chars,
-                        now=now)
+                        now=now, thread_rules=thread_rules)
     started = time.monotonic()
     try:
         _Importer(ingester, sink, report, progress).run(sources)

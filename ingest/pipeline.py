@@ -23,6 +23,8 @@ from ingest.document import build_document
 from ingest.outcome import ReceiptStatus
 from ingest.parse import ParserPool
 from ingest.sinks.base import IndexItem, ItemOutcome, Sink
+from ingest.sinks.threadindex import thread_index_for
+from ingest.threads import DEFAULT_THREAD_RULES, ThreadRules, resolve_conversations
 
 BATCH_MESSAGES = 200
 """Messages per index batch: large enough for efficient bulk requests, small enough that a
@@ -100,7 +102,8 @@ class Ingester:
 
     def __init__(self, *, account_id: str, sink: Sink, store: RawStore, parser: ParserPool,
                  max_message_bytes: int, max_body_chars: int,
-                 now: Callable[[], str]) -> None:
+                 now: Callable[[], str],
+                 thread_rules: ThreadRules = DEFAULT_THREAD_RULES) -> None:
         self.account_id = account_id
         self.sink = sink
         self.store = store
@@ -108,6 +111,7 @@ class Ingester:
         self.max_message_bytes = max_message_bytes
         self.max_body_chars = max_body_chars
         self.now = now
+        self.thread_rules = thread_rules
         self.pending: list[Staged] = []
         self.bytes_stored = 0
         self.oversize = 0
@@ -156,9 +160,13 @@ class Ingester:
         return self._write(batch) if batch else []
 
     def _write(self, batch: list[Staged]) -> Written:
+        docs = [p.document if p.document is not None else p.future.result()  # type: ignore[union-attr]
+                for p in batch]
+        # Conversation ids need the batch as a whole (parents in it) and the index as it is now.
+        resolve_conversations(docs, account_id=self.account_id, rules=self.thread_rules,
+                              index=thread_index_for(self.sink))
         items: list[IndexItem] = []
-        for p in batch:
-            doc = p.document if p.document is not None else p.future.result()  # type: ignore[union-attr]
+        for p, doc in zip(batch, docs, strict=True):
             status = p.status
             if doc["popvault"].get("parse_status") in ("failed", "timeout"):
                 status = ReceiptStatus.PARSE_FAILED

@@ -28,6 +28,7 @@ from ingest.pipeline import Ingester, Written
 from ingest.pop3 import Pop3Session, Retrieval
 from ingest.sinks.base import Receipt, Sink
 from ingest.state import load_state, save_state
+from ingest.threads import thread_rules_from_config
 
 log = logging.getLogger("popvault.poll")
 
@@ -119,6 +120,7 @@ class AccountPoller:
         self.parser = parser
         self.options = options or PollOptions()
         self.report = AccountReport(account_id=account.id)
+        self.thread_rules = thread_rules_from_config(config)
 
     # -- the poll ---------------------------------------------------------------------------
 
@@ -263,7 +265,8 @@ class AccountPoller:
         ingester = Ingester(account_id=acc.id, sink=self.sink, store=self.store,
                             parser=self.parser, max_message_bytes=acc.max_message_bytes,
                             max_body_chars=self._max_body_chars(),
-                            now=lambda: utc_iso(self.options.now()))
+                            now=lambda: utc_iso(self.options.now()),
+                            thread_rules=self.thread_rules)
         delivered: set[int] = set()
         done = 0
         probe: list[str] | None = [] if self._needs_reset_probe(numbers, uidls, receipts) \

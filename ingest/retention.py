@@ -41,8 +41,6 @@ from __future__ import annotations
 import calendar
 import contextlib
 import datetime as dt
-import fcntl
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +50,8 @@ from typing import Any
 from ingest.archive import RawStore
 from ingest.audit import Action, AuditLog, default_actor, keys_digest, keys_summary
 from ingest.config import Config
-from ingest.errors import ArchiveError, ConfigError
+from ingest.errors import ConfigError
+from ingest.filelock import exclusive_lock
 from ingest.holds import Hold, HoldStore
 from ingest.outcome import ReceiptStatus
 from ingest.searchquery import QuerySyntaxError, parse_query
@@ -412,24 +411,11 @@ class ApplyReport:
                 "batches": self.batches, "audit_seqs": self.audit_seqs}
 
 
-@contextlib.contextmanager
-def run_lock(archive_path: Path) -> Iterator[None]:
+def run_lock(archive_path: Path) -> contextlib.AbstractContextManager[None]:
     """One retention run per archive at a time; a second one fails at once (ArchiveError)."""
     path = Path(archive_path) / LOCK_FILE
-    try:
-        Path(archive_path).mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise ArchiveError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ArchiveError(f"another retention run holds {path}; try again when it has "
-                               "finished", transient=True) from None
-        yield
-    finally:
-        os.close(fd)
+    return exclusive_lock(path, busy=f"another retention run holds {path}; try again when it "
+                                     "has finished")
 
 
 def _chunks(items: Sequence[Expiring], size: int) -> Iterator[Sequence[Expiring]]:

@@ -108,6 +108,17 @@ class ItemOutcome:
     receipt: Receipt | None = None
 
 
+def uidl_reused(item: IndexItem, stored: Receipt, reason: DuplicateReason) -> ItemOutcome:
+    """REJECTED: ``item``'s UIDL already has a receipt (``stored``) for another message."""
+    return ItemOutcome(
+        item.message_key, item.account_id, item.uidl, Delivery.REJECTED, reason,
+        error=(f"UIDL {item.uidl!r} of account {item.account_id!r} already has a "
+               f"receipt for message {stored.message_key}, but the server now "
+               f"returns message {item.message_key} for it (UIDL reused?); "
+               "left on the server for a person to check"),
+        receipt=stored)
+
+
 @dataclass
 class SearchHit:
     message_key: str

@@ -51,6 +51,7 @@ from ingest.sinks.base import (
     SearchHit,
     SearchResult,
     receipt_id,
+    uidl_reused,
 )
 from ingest.sinks.retry import Verdict, backoff_s, classify, describe, error_of_body
 
@@ -710,13 +711,7 @@ class ElasticsearchSink:
             got = stored[rid]
             if isinstance(got, Receipt):
                 if got.message_key != item.message_key:
-                    outcomes.append(ItemOutcome(
-                        item.message_key, item.account_id, item.uidl, Delivery.REJECTED, reason,
-                        error=(f"UIDL {item.uidl!r} of account {item.account_id!r} already has a "
-                               f"receipt for message {got.message_key}, but the server now "
-                               f"returns message {item.message_key} for it (UIDL reused?); "
-                               "left on the server for a person to check"),
-                        receipt=got))
+                    outcomes.append(uidl_reused(item, got, reason))
                 else:
                     outcomes.append(ItemOutcome(item.message_key, item.account_id, item.uidl,
                                                 Delivery.DELIVERED, reason, receipt=got))

@@ -74,6 +74,7 @@ from ingest.sinks.base import (
     Receipt,
     SearchHit,
     SearchResult,
+    uidl_reused,
 )
 from ingest.sinks.elasticsearch import (
     MAX_SEARCH_LIMIT,
@@ -380,13 +381,7 @@ class EmbeddedSink:
                 "(:account_id, :uidl, :message_key, :raw_sha256, :raw_size, :status, :reason, "
                 ":archived_at, :deleted_at, :note)", data)
         elif stored.message_key != item.message_key:
-            return ItemOutcome(
-                item.message_key, item.account_id, item.uidl, Delivery.REJECTED, reason,
-                error=(f"UIDL {item.uidl!r} of account {item.account_id!r} already has a "
-                       f"receipt for message {stored.message_key}, but the server now "
-                       f"returns message {item.message_key} for it (UIDL reused?); "
-                       "left on the server for a person to check"),
-                receipt=stored)
+            return uidl_reused(item, stored, reason)
         return ItemOutcome(item.message_key, item.account_id, item.uidl, Delivery.DELIVERED,
                            reason, receipt=stored)
 

@@ -41,6 +41,7 @@ from ingest.searchquery import (
     to_es_query,
 )
 from ingest.sinks.base import Receipt, receipt_id
+from ingest.sinks.embedded import _values
 
 FIELD_RAW_SHA256 = "popvault.raw_sha256"
 SCAN_PAGE_SIZE = 1_000
@@ -79,20 +80,6 @@ class Lifecycle(Protocol):
     def delete_documents(self, docs: Sequence[DocInfo]) -> int: ...
 
     def refresh(self) -> None: ...
-
-
-def _values(doc: Mapping[str, Any], dotted: str) -> list[Any]:
-    """Values at a dotted path; lists along the way are flattened (like ES object arrays)."""
-    values: list[Any] = [doc]
-    for part in dotted.split("."):
-        nxt: list[Any] = []
-        for v in values:
-            for el in (v if isinstance(v, list) else [v]):
-                if isinstance(el, Mapping) and part in el:
-                    got = el[part]
-                    nxt.extend(got if isinstance(got, list) else [got])
-        values = nxt
-    return [v for v in values if v is not None]
 
 
 def doc_info(message_key: str, doc: Mapping[str, Any], index: str | None = None) -> DocInfo:

@@ -61,6 +61,7 @@ from ingest.sinks.base import (
     SearchHit,
     SearchResult,
     receipt_id,
+    uidl_reused,
 )
 from ingest.sinks.elasticsearch import (
     IndexNames,
@@ -157,13 +158,7 @@ class MemorySink:
                     reason=reason, archived_at=now)
                 self.receipts[rid] = stored
             elif stored.message_key != item.message_key:
-                outcomes.append(ItemOutcome(
-                    item.message_key, item.account_id, item.uidl, Delivery.REJECTED, reason,
-                    error=(f"UIDL {item.uidl!r} of account {item.account_id!r} already has a "
-                           f"receipt for message {stored.message_key}, but the server now "
-                           f"returns message {item.message_key} for it (UIDL reused?); "
-                           "left on the server for a person to check"),
-                    receipt=stored))
+                outcomes.append(uidl_reused(item, stored, reason))
                 continue
             outcomes.append(ItemOutcome(item.message_key, item.account_id, item.uidl,
                                         Delivery.DELIVERED, reason, receipt=stored))

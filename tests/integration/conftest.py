@@ -19,6 +19,7 @@ from tests.harness import stack as stack_mod
 from tests.harness.mailbox import Mailbox
 from tests.harness.stack import Stack
 from tests.harness.toml_writer import deep_merge, dumps
+from tests.integration.support import lease_key, release_lease
 
 if TYPE_CHECKING:
     import elasticsearch
@@ -90,7 +91,7 @@ def redis_client(stack: Stack) -> Iterator[redis.Redis]:
     control = redis_lib.Redis.from_url(f"{base}/0")
     token = uuid.uuid4().hex
     db = next((n for n in range(1, 16)
-               if control.set(f"popvault-test:db-lease:{n}", token, nx=True, ex=REDIS_LEASE_S)),
+               if control.set(lease_key(n), token, nx=True, ex=REDIS_LEASE_S)),
               None)
     if db is None:
         control.close()
@@ -102,9 +103,7 @@ def redis_client(stack: Stack) -> Iterator[redis.Redis]:
     finally:
         client.flushdb()
         client.close()
-        key = f"popvault-test:db-lease:{db}"
-        if control.get(key) == token.encode():
-            control.delete(key)
+        release_lease(control, db, token)
         control.close()
 
 

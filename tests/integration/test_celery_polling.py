@@ -13,12 +13,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -31,38 +30,11 @@ import redis
 from tests.harness import dovecot, elastic, redisd
 from tests.harness.proc import is_root
 from tests.harness.settings import Settings, load
+from tests.integration.support import REPO, leased_db, start_celery
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER_START_TIMEOUT_S = 60
-
-
-LEASE_DBS = range(8, 16)
-"""Redis databases these tests lease, one per test, so concurrent pytest runs on one
-machine (several engineers, one harness) never flush each other's queues and keys."""
-
-
-@contextmanager
-def leased_db(host: str, port: int, ttl_s: int = 900) -> Iterator[int]:
-    meta = redis.Redis(host=host, port=port, db=0)
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            for n in LEASE_DBS:
-                if meta.set(f"popvault-test:db-lease:{n}", token, nx=True, ex=ttl_s):
-                    try:
-                        yield n
-                    finally:
-                        if meta.get(f"popvault-test:db-lease:{n}") == token.encode():
-                            meta.delete(f"popvault-test:db-lease:{n}")
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError("no free Redis test database (8-15) for 120 s")
-            time.sleep(0.5)
-    finally:
-        meta.close()
 
 
 # -- stack, mailboxes, config ---------------------------------------------------------------
@@ -191,25 +163,13 @@ class Env:
 
     def start_worker(self, name: str, concurrency: int = 4) -> subprocess.Popen[bytes]:
         assert self.config_path is not None
-        log = open(self.logs / f"worker-{name}.log", "ab")  # noqa: SIM115 - closed at exit
         env = {**os.environ, "POPVAULT_CONFIG": str(self.config_path), "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool", "prefork",
-             "--concurrency", str(concurrency), "-Q", "popvault.poll,popvault.sweep",
-             "-n", f"{name}-{self.run}@%h", "--loglevel", "info", "--without-gossip",
-             "--without-mingle"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.workers.append(proc)
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        logfile = self.logs / f"worker-{name}.log"
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"worker {name} exited {proc.returncode}:\n{logfile.read_text()}")
-            if b" ready." in logfile.read_bytes():
-                return proc
-            time.sleep(0.2)
-        pytest.fail(f"worker {name} not ready in {WORKER_START_TIMEOUT_S}s:\n"
-                    f"{logfile.read_text()[-4000:]}")
+        return start_celery(
+            ["-A", "workers", "worker", "--pool", "prefork", "--concurrency", str(concurrency),
+             "-Q", "popvault.poll,popvault.sweep"],
+            node=f"{name}-{self.run}@%h", what=f"worker {name}", env=env,
+            logfile=self.logs / f"worker-{name}.log", timeout_s=WORKER_START_TIMEOUT_S,
+            procs=self.workers)
 
     def kill_worker(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         with suppress(ProcessLookupError):

@@ -38,11 +38,11 @@ import pytest
 from ingest.archive import FilesystemStore
 from ingest.sinks.embedded import EmbeddedSink
 from tests.harness.mailbox import Mailbox
+from tests.integration.support import REPO, kill_group
 from workers import embedded_redis
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 60
 SCHEDULE = {"sweep_interval_s": 1, "first_poll_spread_s": 1, "jitter_fraction": 0.1,
@@ -150,9 +150,7 @@ class Run:
         """SIGKILL the run's process group (only the supervisor: see the module docstring)."""
         assert self.proc is not None
         self.remember_tree()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        kill_group(self.proc)
 
     def cleanup(self) -> None:
         """Teardown: nothing of this tree may outlive the test."""

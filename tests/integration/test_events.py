@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -29,10 +27,10 @@ import pytest
 from ingest.events import EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature
 from tests.harness.mailbox import Mailbox
 from tests.harness.stack import Stack
+from tests.integration.support import REPO, kill_group, start_celery
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 SECRET_ENV = "POPVAULT_TEST_EVENTS_SECRET"
 WORKER_START_TIMEOUT_S = 60
 DISPATCH_TASK = "popvault.events.dispatch"
@@ -116,7 +114,7 @@ def human(tag: str, i: int) -> tuple[str, bytes]:
     msg = EmailMessage()
     msg["From"] = f"Customer {i} <customer{i}@customer.example>"
     msg["To"] = "support@popvault.test"
-    msg["Subject"] = f"Help with order {i}"
+    msg["Subject"] = f"Help with order {i} ({tag})"  # distinct threads per tag
     msg["Date"] = formatdate(1_770_000_000 + i * 60)
     msg["Message-ID"] = msgid
     msg.set_content(f"Hello,\norder {i} never arrived.\n")
@@ -205,23 +203,11 @@ class EventsEnv:
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         assert self.config_path is not None
-        logfile = self.logs / f"{name}.log"
-        log = open(logfile, "ab")  # noqa: SIM115 - the process owns it until killed
         env = {**os.environ, "POPVAULT_CONFIG": str(self.config_path), "PYTHONPATH": str(REPO),
                "POPVAULT_EVENTS_BROKER": self.broker_url}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", *args, "-n", f"{name}-{self.run}@%h",
-             "--loglevel", "info", "--without-gossip", "--without-mingle"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"{name} exited {proc.returncode}:\n{logfile.read_text()}")
-            if b" ready." in logfile.read_bytes():
-                return proc
-            time.sleep(0.2)
-        pytest.fail(f"{name} not ready:\n{logfile.read_text()[-4000:]}")
+        return start_celery(args, node=f"{name}-{self.run}@%h", what=name, env=env,
+                            logfile=self.logs / f"{name}.log",
+                            timeout_s=WORKER_START_TIMEOUT_S, procs=self.procs)
 
     def start_dispatcher(self, name: str) -> subprocess.Popen[bytes]:
         return self._start(name, ["-A", "workers", "worker", "--pool", "prefork",
@@ -232,9 +218,7 @@ class EventsEnv:
                                          "--pool", "solo", "-Q", TICKETS_QUEUE])
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_group(proc)
 
     def send_dispatch(self) -> None:
         from celery import Celery

@@ -7,10 +7,8 @@ import multiprocessing
 import random
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -19,39 +17,13 @@ import redis
 from ingest.config import Config, config_from_dict
 from tests.harness import redisd
 from tests.harness.settings import load
+from tests.integration.support import leased_db
 from workers import health, keys
 from workers.limits import HostSlot, in_use
 from workers.locks import AccountLock, Heartbeat
 from workers.schedule import ScheduleConfig, now_ms, sweep
 
 pytestmark = pytest.mark.integration
-
-LEASE_DBS = range(8, 16)
-"""Redis databases these tests lease, one per test, so concurrent pytest runs on one
-machine (several engineers, one harness) never flush each other's queues and keys."""
-
-
-@contextmanager
-def leased_db(host: str, port: int, ttl_s: int = 900) -> Iterator[int]:
-    meta = redis.Redis(host=host, port=port, db=0)
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            for n in LEASE_DBS:
-                if meta.set(f"popvault-test:db-lease:{n}", token, nx=True, ex=ttl_s):
-                    try:
-                        yield n
-                    finally:
-                        if meta.get(f"popvault-test:db-lease:{n}") == token.encode():
-                            meta.delete(f"popvault-test:db-lease:{n}")
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError("no free Redis test database (8-15) for 120 s")
-            time.sleep(0.5)
-    finally:
-        meta.close()
-
 
 @pytest.fixture()
 def rurl() -> Iterator[str]:
