@@ -22,6 +22,7 @@ import ctypes.util
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,9 @@ if TYPE_CHECKING:
     from ingest.config import Config
     from ingest.crypto import ObjectCipher
 
-ZSTD_LEVEL = 3
-"""Fast level: mail compresses ~3-5x here and the CPU goes to parsing instead."""
+ZSTD_LEVEL = 1
+"""Fastest level: text compresses well even here, attachments hardly at any level, and the
+CPU is better spent on parsing."""
 READ_CHUNK_BYTES = 1024 * 1024
 OBJECT_SUFFIX = ".zst"
 
@@ -95,6 +97,7 @@ class FilesystemStore:
                 from None
         self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         self._unflushed: list[Path] = []
+        self._unflushed_lock = threading.Lock()  # writes and flushes may run on two threads
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -130,6 +133,10 @@ class FilesystemStore:
             final = self.path_for(sha)
             if final.exists():
                 tmp.unlink()
+                # Another writer (account, process) may not have flushed it yet: this batch's
+                # flush must cover it too before anything referring to it is acknowledged.
+                with self._unflushed_lock:
+                    self._unflushed.append(final)
                 return StoredRaw(sha, size, existed=True)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
@@ -146,14 +153,16 @@ class FilesystemStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        self._unflushed.append(final)
+        with self._unflushed_lock:
+            self._unflushed.append(final)
         return StoredRaw(sha, size, existed=False)
 
     def flush(self) -> None:
         """Make every object written since the last flush durable (data and directory entries)."""
-        if not self._unflushed:
-            return
-        pending, self._unflushed = self._unflushed, []
+        with self._unflushed_lock:
+            if not self._unflushed:
+                return
+            pending, self._unflushed = self._unflushed, []
         try:
             if _SYNCFS is not None:
                 fd = os.open(self.raw_dir, os.O_RDONLY)
@@ -171,7 +180,8 @@ class FilesystemStore:
             for d in dirs:
                 _fsync_path(d)
         except OSError as exc:
-            self._unflushed = pending + self._unflushed
+            with self._unflushed_lock:
+                self._unflushed = pending + self._unflushed
             raise ArchiveError(f"cannot make archive writes durable in {self.raw_dir}: "
                                f"{exc.strerror}") from None
 

@@ -63,16 +63,28 @@ def parse_in_process(raw: bytes, **build_kwargs: Any) -> Document:
     return build_document(raw, **_complete_kwargs(raw, build_kwargs))
 
 
-def _complete_kwargs(raw: bytes, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Fill in the identity fields a caller may leave out (computed the one standard way)."""
+def _complete_kwargs(raw: bytes, kwargs: dict[str, Any], *,
+                     with_key: bool = True) -> dict[str, Any]:
+    """Fill in the identity fields a caller may leave out (computed the one standard way).
+
+    ``with_key=False`` leaves the message key to the child (:func:`_build_in_child`): it is
+    a pass over the whole message, better spent off the fetching process.
+    """
     done = dict(kwargs)
     if "raw_sha256" not in done:
         done["raw_sha256"] = compute_raw_sha256(raw)
-    if "message_key" not in done:
+    if with_key and "message_key" not in done:
         done["message_key"] = compute_message_key(raw)
     if "first_archived" not in done:
         done["first_archived"] = now_iso()
     return done
+
+
+def _build_in_child(target: Target, raw: bytes, kwargs: dict[str, Any]) -> Document:
+    """Runs in the child: compute what the parent left out, then build the document."""
+    if "message_key" not in kwargs:
+        kwargs = {**kwargs, "message_key": compute_message_key(raw)}
+    return target(raw, **kwargs)
 
 
 def _child_init(memory_mb: int) -> None:
@@ -220,7 +232,7 @@ class ParserPool:
     def submit(self, raw: bytes, **build_kwargs: Any) -> Future[Document]:
         """Queue one message; the future always resolves to a document, never an exception."""
         future: Future[Document] = Future()
-        task = _Task(raw, _complete_kwargs(raw, build_kwargs), future)
+        task = _Task(raw, _complete_kwargs(raw, build_kwargs, with_key=False), future)
         with self._cond:
             if self._closing or self._supervisor is None:
                 raise RuntimeError("ParserPool is not running (use it as a context manager)")
@@ -302,7 +314,8 @@ class ParserPool:
                 task = self._pending.popleft()
                 slot.task = task
                 slot.deadline = now + self.timeout_s
-                slot.running = slot.executor.submit(self.target, task.raw, **task.kwargs)
+                slot.running = slot.executor.submit(_build_in_child, self.target, task.raw,
+                                                    task.kwargs)
                 slot.running.add_done_callback(self._wake)
 
     def _next_wakeup(self, now: float) -> float | None:
@@ -363,7 +376,7 @@ class ParserPool:
             document = fallback_document(
                 task.raw,
                 raw_sha256=kwargs["raw_sha256"],
-                message_key=kwargs["message_key"],
+                message_key=kwargs.get("message_key") or compute_message_key(task.raw),
                 first_archived=kwargs["first_archived"],
                 parse_status=status,
                 parse_error=reason,

@@ -56,6 +56,13 @@ class Staged:
     def parsing(self) -> bool:
         return self.future is not None and not self.future.done()
 
+    def key(self) -> str:
+        """The message key; computed by the parser child, so this may wait for the parse."""
+        if not self.message_key:
+            doc = self.document if self.document is not None else self.future.result()  # type: ignore[union-attr]
+            self.message_key = doc["popvault"]["message_key"]
+        return self.message_key
+
 
 Written = list[tuple[Staged, ItemOutcome]]
 
@@ -138,12 +145,11 @@ class Ingester:
             self.oversize += 1
             return Staged(ref, uidl, stored, key, ReceiptStatus.OVERSIZE, document=doc)
         raw = collector.data()
-        key = dedup.message_key(raw)
-        future = self.parser.submit(raw, raw_sha256=stored.sha256, message_key=key,
+        future = self.parser.submit(raw, raw_sha256=stored.sha256,
                                     first_archived=first_archived,
                                     max_body_chars=self.max_body_chars)
-        return Staged(ref, uidl, stored, key, ReceiptStatus.ARCHIVED, future=future,
-                      raw_bytes=stored.size)
+        return Staged(ref, uidl, stored, "", ReceiptStatus.ARCHIVED, future=future,
+                      raw_bytes=stored.size)  # the key comes back with the document
 
     def add(self, staged: Staged) -> Written:
         """Queue a staged message; when the batch is full, write what is ready."""
@@ -167,6 +173,7 @@ class Ingester:
                               index=thread_index_for(self.sink))
         items: list[IndexItem] = []
         for p, doc in zip(batch, docs, strict=True):
+            p.message_key = doc["popvault"]["message_key"]
             status = p.status
             if doc["popvault"].get("parse_status") in ("failed", "timeout"):
                 status = ReceiptStatus.PARSE_FAILED

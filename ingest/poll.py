@@ -289,7 +289,7 @@ class AccountPoller:
                     self._message_failed(f"RETR {number} (UIDL {uidl}): {retrieval.error}")
                     continue
                 if probe is not None:
-                    probe.append(staged.message_key)
+                    probe.append(staged.key())
                     if len(probe) >= min(RESET_PROBE_MESSAGES, len(numbers)):
                         if self._probe_says_reset(probe, len(numbers), len(uidls)):
                             raise _ResetDetected()

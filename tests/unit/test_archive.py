@@ -63,3 +63,16 @@ def test_failed_stream_leaves_nothing(tmp_path: Path) -> None:
         store.put_chunks(broken())  # type: ignore[arg-type]
     assert not list(store.iter_hashes())
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_an_existing_object_is_covered_by_this_stores_flush(tmp_path: Path) -> None:
+    """Two pollers (accounts) share the archive: if B finds an object A wrote but has not
+    flushed yet, B's flush must still make it durable before B acknowledges anything."""
+    a, b = FilesystemStore(tmp_path), FilesystemStore(tmp_path)
+    raw = b"Subject: same message, two accounts\r\n\r\nbody\r\n"
+    a.put_bytes(raw)
+    stored = b.put_bytes(raw)
+    assert stored.existed
+    assert b._unflushed == [b.path_for(stored.sha256)]  # what b.flush() will sync
+    b.flush()
+    assert b._unflushed == []
