@@ -64,6 +64,7 @@ class AccountReport:
     bytes_fetched: int = 0
     sessions: int = 0
     more_pending: bool = False
+    kept_ambiguous: int = 0  # archived, but left on the server: their UIDL is not unique
     flags: list[str] = field(default_factory=list)
     message_errors: list[str] = field(default_factory=list)
     error: PopvaultError | None = None
@@ -88,6 +89,7 @@ class AccountReport:
             "bytes_fetched": self.bytes_fetched,
             "sessions": self.sessions,
             "more_pending": self.more_pending,
+            "kept_ambiguous": self.kept_ambiguous,
             "flags": list(self.flags),
             "message_errors": list(self.message_errors[:50]),
             "error": self.error.to_dict() if self.error else None,
@@ -194,6 +196,10 @@ class AccountPoller:
             delivered = self._fetch_and_index(session, capped, uidls, sizes, ambiguous,
                                               receipts)
             dele = self._deletions(delivered, receipts, uidls)
+            kept = dele & ambiguous
+            if kept:  # archived and indexed, but no receipt can name them: never deleted
+                dele -= kept
+                self.report.kept_ambiguous += len(kept)
             if dele:
                 for number, refusal in session.dele(sorted(dele)).items():
                     dele.discard(number)

@@ -83,3 +83,20 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def make_mail(tag: str, i: int, pad_bytes: int = 0, *,
+              domain: str = "popvault.test") -> tuple[str, bytes]:
+    """A small distinct message (Message-ID, bytes), padded to about ``pad_bytes``."""
+    from email.message import EmailMessage
+    from email.utils import formatdate
+
+    msgid = f"<{tag}.{i}@{domain}>"
+    msg = EmailMessage()
+    msg["From"] = f"Sender {i} <sender{i}@example.org>"
+    msg["To"] = f"{tag}@example.com"
+    msg["Subject"] = f"{tag} message {i}"
+    msg["Date"] = formatdate(1_700_000_000 + i * 60)
+    msg["Message-ID"] = msgid
+    msg.set_content(f"Hello {tag} {i}.\n" + ("padding line of text\n" * (pad_bytes // 21)))
+    return msgid, msg.as_bytes()

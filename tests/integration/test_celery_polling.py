@@ -19,8 +19,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import redis
 from tests.harness import dovecot, elastic, redisd
 from tests.harness.proc import is_root
 from tests.harness.settings import Settings, load
-from tests.integration.support import REPO, leased_db, start_celery
+from tests.integration.support import REPO, leased_db, make_mail, start_celery
 
 pytestmark = pytest.mark.integration
 
@@ -84,18 +82,6 @@ class Box:
 
     def count(self) -> int:
         return sum(len(list((self.maildir / sub).iterdir())) for sub in ("new", "cur"))
-
-
-def make_mail(tag: str, i: int, pad_bytes: int = 0) -> tuple[str, bytes]:
-    msgid = f"<{tag}.{i}@popvault.test>"
-    msg = EmailMessage()
-    msg["From"] = f"Sender {i} <sender{i}@example.org>"
-    msg["To"] = f"{tag}@example.com"
-    msg["Subject"] = f"{tag} message {i}"
-    msg["Date"] = formatdate(1_700_000_000 + i * 60)
-    msg["Message-ID"] = msgid
-    msg.set_content(f"Hello {tag} {i}.\n" + ("padding line of text\n" * (pad_bytes // 21)))
-    return msgid, msg.as_bytes()
 
 
 @dataclass

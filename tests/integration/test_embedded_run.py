@@ -27,8 +27,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from ingest.archive import FilesystemStore
 from ingest.sinks.embedded import EmbeddedSink
 from tests.harness.mailbox import Mailbox
 from tests.integration.support import REPO, kill_group
+from tests.integration.support import make_mail as support_make_mail
 from workers import embedded_redis
 
 pytestmark = pytest.mark.integration
@@ -52,15 +51,7 @@ SCHEDULE = {"sweep_interval_s": 1, "first_poll_spread_s": 1, "jitter_fraction": 
 
 
 def make_mail(tag: str, i: int, pad_bytes: int = 0) -> tuple[str, bytes]:
-    msgid = f"<{tag}.{i}@embedded.popvault.test>"
-    msg = EmailMessage()
-    msg["From"] = f"Sender {i} <sender{i}@example.org>"
-    msg["To"] = f"{tag}@example.com"
-    msg["Subject"] = f"{tag} message {i}"
-    msg["Date"] = formatdate(1_700_000_000 + i * 60)
-    msg["Message-ID"] = msgid
-    msg.set_content(f"Hello {tag} {i}.\n" + ("padding line of text\n" * (pad_bytes // 21)))
-    return msgid, msg.as_bytes()
+    return support_make_mail(tag, i, pad_bytes, domain="embedded.popvault.test")
 
 
 @dataclass
