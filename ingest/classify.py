@@ -29,6 +29,9 @@ from email.message import Message
 from enum import StrEnum
 from typing import Any
 
+from ingest.config import Config
+from ingest.errors import ConfigError
+
 MAX_DSN_RECIPIENTS = 100
 """Recipients kept from one DSN; a mass bounce listing thousands would bloat the document."""
 MAX_DSN_PARTS = 1000
@@ -467,3 +470,22 @@ def _read_dsn_block(
             action = value.split()[0].lower()[:32] if value.split() else ""
             if action:
                 actions.append(action)
+
+
+def classify_rules_from_config(config: Config) -> ClassifyRules | None:
+    """``[support.classify]`` of ``config`` (None when absent: the built-in rules apply).
+
+    Given keys replace the defaults, e.g. ``auto_reply_subjects = ["^Robot:"]``; errors name
+    the file and the key.
+    """
+    support = config.raw.get("support", {})
+    table = support.get("classify") if isinstance(support, Mapping) else None
+    if table is None:
+        return None
+    where = str(config.path) if config.path else "configuration"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: [support.classify] must be a table")
+    try:
+        return ClassifyRules.from_dict(table)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [support.classify]: {exc}") from None

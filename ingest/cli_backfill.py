@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ingest.archive import open_store
+from ingest.classify import classify_rules_from_config
 from ingest.cli import ConfigOpt, JsonOpt, _config, _parser, _run, err, out
 from ingest.config import DEFAULT_MAX_MESSAGE_BYTES, Config
 from ingest.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, PopvaultError, exit_code
@@ -93,7 +94,8 @@ def import_command(
                 paths, account_id=account, sink=sink, store=store, parser=parser,
                 max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
                 max_body_chars=es.max_body_chars if es else DEFAULT_MAX_BODY_CHARS,
-                now=_utc_now, progress=hook, thread_rules=thread_rules_from_config(config)))
+                now=_utc_now, progress=hook, thread_rules=thread_rules_from_config(config),
+                classify_rules=classify_rules_from_config(config)))
         if report.new or report.joined:
             _run(sink.refresh)
     finally:

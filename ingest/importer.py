@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.archive import RawStore
+from ingest.classify import ClassifyRules
 from ingest.config import ACCOUNT_ID_RE
 from ingest.mailsources import (
     NotAMailSource,
@@ -242,7 +243,8 @@ def _groups(hashed: Iterator[_Hashed]) -> Iterator[list[_Hashed]]:
 def import_paths(paths: Iterable[Path], *, account_id: str, sink: Sink, store: RawStore,
                  parser: ParserPool, max_message_bytes: int, max_body_chars: int,
                  now: Callable[[], str], progress: ImportProgress | None = None,
-                 thread_rules: ThreadRules = DEFAULT_THREAD_RULES) -> ImportReport:
+                 thread_rules: ThreadRules = DEFAULT_THREAD_RULES,
+                 classify_rules: ClassifyRules | None = None) -> ImportReport:
     """Import every message of ``paths`` (mbox files, Maildirs, ``.eml`` directories).
 
     Raises InvalidImport before reading anything if the account id or a path is unusable;
@@ -255,7 +257,7 @@ def import_paths(paths: Iterable[Path], *, account_id: str, sink: Sink, store: R
                           bytes_total=sum(s.size for s in sources))
     ingester = Ingester(account_id=account_id, sink=sink, store=store, parser=parser,
                         max_message_bytes=max_message_bytes, max_body_chars=max_body_chars,
-                        now=now, thread_rules=thread_rules)
+                        now=now, thread_rules=thread_rules, classify_rules=classify_rules)
     started = time.monotonic()
     try:
         _Importer(ingester, sink, report, progress).run(sources)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ingest import dedup
 from ingest.archive import RawStore, StoredRaw
+from ingest.classify import ClassifyRules
 from ingest.document import build_document
 from ingest.outcome import ReceiptStatus
 from ingest.parse import ParserPool
@@ -110,7 +111,8 @@ class Ingester:
     def __init__(self, *, account_id: str, sink: Sink, store: RawStore, parser: ParserPool,
                  max_message_bytes: int, max_body_chars: int,
                  now: Callable[[], str],
-                 thread_rules: ThreadRules = DEFAULT_THREAD_RULES) -> None:
+                 thread_rules: ThreadRules = DEFAULT_THREAD_RULES,
+                 classify_rules: ClassifyRules | None = None) -> None:
         self.account_id = account_id
         self.sink = sink
         self.store = store
@@ -119,6 +121,9 @@ class Ingester:
         self.max_body_chars = max_body_chars
         self.now = now
         self.thread_rules = thread_rules
+        # Only configured rules travel to the parser child; None keeps the built-in ones.
+        self.build_extra: dict[str, Any] = (
+            {"classify_rules": classify_rules} if classify_rules is not None else {})
         self.pending: list[Staged] = []
         self.bytes_stored = 0
         self.oversize = 0
@@ -140,14 +145,16 @@ class Ingester:
             head = collector.data()
             key = oversize_message_key(head, stored.sha256)
             doc = build_document(head, raw_sha256=stored.sha256, message_key=key,
-                                 first_archived=first_archived, headers_only=True)
+                                 first_archived=first_archived, headers_only=True,
+                                 **self.build_extra)
             doc["popvault"]["raw_size"] = stored.size
             self.oversize += 1
             return Staged(ref, uidl, stored, key, ReceiptStatus.OVERSIZE, document=doc)
         raw = collector.data()
         future = self.parser.submit(raw, raw_sha256=stored.sha256,
                                     first_archived=first_archived,
-                                    max_body_chars=self.max_body_chars)
+                                    max_body_chars=self.max_body_chars,
+                                    **self.build_extra)
         return Staged(ref, uidl, stored, "", ReceiptStatus.ARCHIVED, future=future,
                       raw_bytes=stored.size)  # the key comes back with the document
 

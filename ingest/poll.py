@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ingest.archive import FilesystemStore
+from ingest.classify import ClassifyRules, classify_rules_from_config
 from ingest.config import AccountConfig, Config, resolve_secret
 from ingest.errors import PopvaultError, ProtocolError
 from ingest.outcome import Delivery, DuplicateReason
@@ -28,7 +29,7 @@ from ingest.pipeline import Ingester, Written
 from ingest.pop3 import Pop3Session, Retrieval
 from ingest.sinks.base import Receipt, Sink
 from ingest.state import load_state, save_state
-from ingest.threads import thread_rules_from_config
+from ingest.threads import DEFAULT_THREAD_RULES, thread_rules_from_config
 
 log = logging.getLogger("popvault.poll")
 
@@ -122,7 +123,8 @@ class AccountPoller:
         self.parser = parser
         self.options = options or PollOptions()
         self.report = AccountReport(account_id=account.id)
-        self.thread_rules = thread_rules_from_config(config)
+        self.thread_rules = DEFAULT_THREAD_RULES  # the configured ones are read in run()
+        self.classify_rules: ClassifyRules | None = None
 
     # -- the poll ---------------------------------------------------------------------------
 
@@ -143,6 +145,9 @@ class AccountPoller:
         return self.report
 
     def _run_sessions(self) -> None:
+        # Read here, not in __init__: a bad [support] table becomes this report's ConfigError.
+        self.thread_rules = thread_rules_from_config(self.config)
+        self.classify_rules = classify_rules_from_config(self.config)
         state = load_state(self.config.archive_path, self.account.id)
         if state.uidl_reset_flagged_at and not self.options.accept_uidl_reset:
             self.report.flags.append("uidl_reset")
@@ -272,7 +277,8 @@ class AccountPoller:
                             parser=self.parser, max_message_bytes=acc.max_message_bytes,
                             max_body_chars=self._max_body_chars(),
                             now=lambda: utc_iso(self.options.now()),
-                            thread_rules=self.thread_rules)
+                            thread_rules=self.thread_rules,
+                            classify_rules=self.classify_rules)
         delivered: set[int] = set()
         done = 0
         probe: list[str] | None = [] if self._needs_reset_probe(numbers, uidls, receipts) \

@@ -303,3 +303,31 @@ def test_phrase_inside_an_attached_contract_is_found_by_search(
         assert done.returncode == 0, done.stderr
         hits = json.loads(done.stdout)["hits"]
         assert [h["document"]["attachments"] for h in hits] == [[name]], query
+
+
+def test_classification_rules_come_from_the_config(mailbox_factory: Any, write_config: Any,
+                                                   tmp_archive: Path) -> None:
+    """[support.classify] replaces built-in patterns; a misspelt rule names file and key."""
+    from ingest.sinks.embedded import EmbeddedSink
+
+    box = mailbox_factory()
+    box.deliver(b"From: robot@monitor.example\r\nTo: ops@example.com\r\n"
+                b"Subject: Robot report: nightly backup ok\r\n"
+                b"Date: Tue, 03 Mar 2026 04:00:00 +0000\r\n"
+                b"Message-ID: <robot-1@monitor.example>\r\n\r\nAll green.\r\n")
+    rules = {"support": {"classify": {"auto_reply_subjects": ["^Robot report:"]}}}
+    config = write_config(accounts=[box.account_config()], extra=rules)
+    assert poll_json(config)[0] == 0
+    sink = EmbeddedSink(tmp_archive / "index.sqlite3")
+    try:
+        docs = list(sink.iter_documents())
+    finally:
+        sink.close()
+    assert [doc["popvault"]["kind"] for _key, doc in docs] == ["auto_reply"]
+
+    bad = write_config(accounts=[box.account_config()],
+                       extra={"support": {"classify": {"auto_reply_subject": ["x"]}}})
+    done = run_cli("poll", config=bad)
+    assert done.returncode == 3, done.stderr
+    assert str(bad) in done.stderr and "auto_reply_subject" in done.stderr
+    assert "Traceback" not in done.stderr
