@@ -132,45 +132,15 @@ def iter_matches(sink: Any, query: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _iter_es(sink: Any, parsed: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Point in time + ``search_after``, oldest first; only the fields the export needs.
-
-    Uses the sink's request wrapper (retries, error mapping to SinkError) as
-    :mod:`ingest.sinks.lifecycle` does, so failures read the same as for every other command.
-    """
+    """Point in time + ``search_after`` (the sink's scan), oldest first; only the fields the
+    export needs. Failures read as SinkError, like every other command's."""
     from ingest.searchquery import to_es_query
-    from ingest.sinks.elasticsearch import SCAN_KEEP_ALIVE
 
-    client = sink.client
     alias = sink.names.messages_alias
-    sink._call("refreshing " + alias, lambda: client.indices.refresh(index=alias))
-    pit = sink._call("opening a point in time on " + alias,
-                     lambda: client.open_point_in_time(index=alias, keep_alive=SCAN_KEEP_ALIVE))
-    pit_id: str = pit["id"]
-    es_query = to_es_query(parsed)
-    try:
-        after: list[Any] | None = None
-        while True:
-            kwargs: dict[str, Any] = {
-                "pit": {"id": pit_id, "keep_alive": SCAN_KEEP_ALIVE}, "query": es_query,
-                "size": PAGE_SIZE, "source_includes": _SOURCE_FIELDS,
-                "sort": [{"@timestamp": {"order": "asc", "unmapped_type": "date"}},
-                         {"_shard_doc": "asc"}],
-                "track_total_hits": False,
-            }
-            if after is not None:
-                kwargs["search_after"] = after
-            resp = sink._call("exporting from " + alias,
-                              lambda kwargs=kwargs: client.search(**kwargs))
-            pit_id = resp.get("pit_id", pit_id)
-            hits = resp["hits"]["hits"]
-            if not hits:
-                return
-            for hit in hits:
-                yield hit["_id"], hit.get("_source") or {}
-            after = hits[-1]["sort"]
-    finally:
-        with contextlib.suppress(Exception):  # best effort: the PIT expires on its own
-            client.close_point_in_time(id=pit_id)
+    sort = [{"@timestamp": {"order": "asc", "unmapped_type": "date"}}, {"_shard_doc": "asc"}]
+    for hit in sink.scan(alias, to_es_query(parsed), source=list(_SOURCE_FIELDS), sort=sort,
+                         page_size=PAGE_SIZE, what="exporting from"):
+        yield hit["_id"], hit.get("_source") or {}
 
 
 def _iter_embedded(sink: Any, parsed: Any) -> Iterator[tuple[str, dict[str, Any]]]:

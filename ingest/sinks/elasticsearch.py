@@ -975,37 +975,43 @@ class ElasticsearchSink:
 
     def iter_documents(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every document as (message_key, source), in no particular order."""
-        for hit in self._scan(self.names.messages_alias, {"match_all": {}}):
+        for hit in self.scan(self.names.messages_alias, {"match_all": {}}):
             yield hit["_id"], hit.get("_source") or {}
 
     def iter_receipts(self, account_id: str | None = None) -> Iterator[Receipt]:
         """Every receipt (of one account, or all), in no particular order."""
         query = {"term": {"account_id": account_id}} if account_id else {"match_all": {}}
-        for hit in self._scan(self.names.receipts_alias, query):
+        for hit in self.scan(self.names.receipts_alias, query):
             yield Receipt.from_dict(hit["_source"])
 
-    def _scan(self, index: str, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def scan(self, index: str, query: dict[str, Any], *,
+             source: list[str] | bool = True,
+             sort: list[dict[str, Any]] | None = None,
+             page_size: int = SCAN_PAGE_SIZE,
+             keep_alive: str = SCAN_KEEP_ALIVE,
+             what: str = "scanning") -> Iterator[dict[str, Any]]:
         """All hits via a point in time + search_after (consistent view; core since 8.x).
 
         A point in time sees only refreshed data, so the index is refreshed first: a scan right
-        after a write must include it (reconcile and verify compare against what was written).
+        after a write must include it (reconcile, verify, retention and export compare against
+        what was written). ``sort`` must end with a tiebreaker; the default is ``_shard_doc``.
         """
         self._call("refreshing " + index, lambda: self._client.indices.refresh(index=index))
         pit = self._call("opening a point in time on " + index,
                          lambda: self._client.open_point_in_time(index=index,
-                                                                 keep_alive=SCAN_KEEP_ALIVE))
+                                                                 keep_alive=keep_alive))
         pit_id: str = pit["id"]
         try:
             after: list[Any] | None = None
             while True:
                 kwargs: dict[str, Any] = {
-                    "pit": {"id": pit_id, "keep_alive": SCAN_KEEP_ALIVE},
-                    "query": query, "size": SCAN_PAGE_SIZE,
-                    "sort": [{"_shard_doc": "asc"}], "track_total_hits": False,
+                    "pit": {"id": pit_id, "keep_alive": keep_alive},
+                    "query": query, "size": page_size, "source": source,
+                    "sort": sort or [{"_shard_doc": "asc"}], "track_total_hits": False,
                 }
                 if after is not None:
                     kwargs["search_after"] = after
-                resp = self._call("scanning " + index,
+                resp = self._call(f"{what} {index}",
                                   lambda kwargs=kwargs: self._client.search(**kwargs))  # type: ignore[misc]
                 pit_id = resp.get("pit_id", pit_id)
                 hits = resp["hits"]["hits"]

@@ -25,7 +25,6 @@ their search rows go together), queries through the same SQL the sink's search u
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -252,35 +251,9 @@ class ElasticsearchLifecycle:
 
     def _scan(self, index: str, query: dict[str, Any],
               source: list[str] | bool) -> Iterator[dict[str, Any]]:
-        """All hits of ``query`` via a point in time + search_after, after a refresh (a point in
-        time sees only refreshed data, and retention must see what was just written)."""
-        client = self.sink.client
-        call = self.sink._call
-        call("refreshing " + index, lambda: client.indices.refresh(index=index))
-        pit = call("opening a point in time on " + index,
-                   lambda: client.open_point_in_time(index=index, keep_alive=SCAN_KEEP_ALIVE))
-        pit_id: str = pit["id"]
-        try:
-            after: list[Any] | None = None
-            while True:
-                kwargs: dict[str, Any] = {
-                    "pit": {"id": pit_id, "keep_alive": SCAN_KEEP_ALIVE},
-                    "query": query, "size": SCAN_PAGE_SIZE, "source": source,
-                    "sort": [{"_shard_doc": "asc"}], "track_total_hits": False,
-                }
-                if after is not None:
-                    kwargs["search_after"] = after
-                resp = call("scanning " + index,
-                            lambda kwargs=kwargs: client.search(**kwargs))
-                pit_id = resp.get("pit_id", pit_id)
-                hits = resp["hits"]["hits"]
-                if not hits:
-                    return
-                yield from hits
-                after = hits[-1]["sort"]
-        finally:
-            with contextlib.suppress(Exception):  # best effort: the PIT expires on its own
-                client.close_point_in_time(id=pit_id)
+        """All hits of ``query``, with retention's larger pages and longer keep-alive."""
+        return self.sink.scan(index, query, source=source, page_size=SCAN_PAGE_SIZE,
+                              keep_alive=SCAN_KEEP_ALIVE)
 
     def iter_docs(self) -> Iterator[DocInfo]:
         for hit in self._scan(self.sink.names.messages_alias, {"match_all": {}},
