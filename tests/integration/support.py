@@ -100,3 +100,10 @@ def make_mail(tag: str, i: int, pad_bytes: int = 0, *,
     msg["Message-ID"] = msgid
     msg.set_content(f"Hello {tag} {i}.\n" + ("padding line of text\n" * (pad_bytes // 21)))
     return msgid, msg.as_bytes()
+
+
+def run_cli(*args: str, config: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``popvault ARGS`` as a user would (a subprocess), with POPVAULT_CONFIG set."""
+    env = {**os.environ, "POPVAULT_CONFIG": str(config)}
+    return subprocess.run([sys.executable, "-m", "ingest", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +20,15 @@ from ingest.config import load_config
 from ingest.mailsources import mbox_entry
 from ingest.sinks.factory import open_sink
 from tests import corpus
+from tests.integration.support import run_cli as support_run_cli
 
-REPO = Path(__file__).resolve().parents[2]
 QUOTED_BODY = (b"From: quoter@example.test\r\nTo: x@example.test\r\nSubject: quoting\r\n"
                b"Message-ID: <quoted.1@example.test>\r\nDate: Mon, 2 Mar 2026 10:00:00 +0000\r\n"
                b"\r\nFrom the start of a line\r\n>From already quoted\r\nend\r\n")
 
 
 def run_cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "POPVAULT_CONFIG": str(config)}
-    return subprocess.run([sys.executable, "-m", "ingest", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    return support_run_cli(*args, config=config, timeout=900)
 
 
 def import_json(config: Path, *args: str) -> tuple[int, dict[str, Any]]:

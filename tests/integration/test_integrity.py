@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +14,11 @@ from ingest.archive import FilesystemStore, open_store
 from ingest.config import load_config
 from ingest.crypto import is_encrypted
 from tests import corpus
+from tests.integration.support import run_cli
 
-REPO = Path(__file__).resolve().parents[2]
 QUOTED = (b"From: quoter@example.test\r\nTo: x@example.test\r\nSubject: quoting\r\n"
           b"Message-ID: <quoted.7@example.test>\r\nDate: Mon, 2 Mar 2026 10:00:00 +0000\r\n"
           b"\r\nFrom the start of a line\r\n>From already quoted\r\n>>From twice\r\nend\r\n")
-
-
-def run_cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "POPVAULT_CONFIG": str(config)}
-    return subprocess.run([sys.executable, "-m", "ingest", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def cli_json(*args: str, config: Path) -> tuple[int, dict[str, Any], str]:

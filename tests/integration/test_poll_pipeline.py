@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,14 +21,7 @@ from ingest.config import load_config
 from ingest.sinks.elasticsearch import ElasticsearchSink
 from tests import corpus
 from tests.integration.proxy import CuttableProxy
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args: str, config: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "POPVAULT_CONFIG": str(config)}
-    return subprocess.run([sys.executable, "-m", "ingest", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+from tests.integration.support import run_cli
 
 
 def poll_json(config: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
