@@ -1,7 +1,8 @@
-"""Per-message delivery outcomes, and the one rule that decides whether DELE may be sent.
+"""Per-message delivery outcomes and the words receipts use.
 
 Modelled on Vector's event finalization: a message ends Delivered, Errored (transient, try
-again next poll) or Rejected (permanent, needs a person). Only Delivered allows deletion.
+again next poll) or Rejected (permanent, needs a person). Only Delivered allows deletion;
+the DELE rule itself is applied in one place, ``AccountPoller._deletions`` (ingest/poll.py).
 """
 
 from __future__ import annotations
@@ -14,16 +15,11 @@ class Delivery(StrEnum):
     ERRORED = "errored"
     REJECTED = "rejected"
 
-    def worst(self, other: Delivery) -> Delivery:
-        order = [Delivery.DELIVERED, Delivery.ERRORED, Delivery.REJECTED]
-        return max(self, other, key=order.index)
-
 
 class ReceiptStatus(StrEnum):
     """Why a (account, UIDL) pair needs no further download; stored in each receipt."""
 
     ARCHIVED = "archived"  # raw stored, document indexed: this copy made or joined the doc
-    DUPLICATE = "duplicate"  # same message key already archived (another account or fetch)
     OVERSIZE = "oversize"  # archived raw; indexed from headers only
     PARSE_FAILED = "parse_failed"  # archived raw; indexed with parse_error
     EXPIRED = "expired"  # document removed by retention; kept so the UIDL is never fetched again
@@ -36,8 +32,3 @@ class DuplicateReason(StrEnum):
     UIDL_ALREADY_ARCHIVED = "uidl_already_archived"
     SAME_MESSAGE_OTHER_ACCOUNT = "same_message_other_account"
     SAME_MESSAGE_SAME_ACCOUNT = "same_message_same_account"
-
-
-def may_delete(delivery: Delivery, *, raw_durable: bool, receipt_acknowledged: bool) -> bool:
-    """The DELE rule: raw bytes durable, and document plus receipt acknowledged by the index."""
-    return delivery is Delivery.DELIVERED and raw_durable and receipt_acknowledged
