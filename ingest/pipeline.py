@@ -21,11 +21,11 @@ from ingest import dedup
 from ingest.archive import RawStore, StoredRaw
 from ingest.classify import ClassifyRules
 from ingest.document import build_document
-from ingest.outcome import ReceiptStatus
+from ingest.outcome import Delivery, DuplicateReason, ReceiptStatus
 from ingest.parse import ParserPool
 from ingest.sinks.base import IndexItem, ItemOutcome, Sink
 from ingest.sinks.threadindex import thread_index_for
-from ingest.threads import DEFAULT_THREAD_RULES, ThreadRules, resolve_conversations
+from ingest.threads import DEFAULT_THREAD_RULES, ThreadIndex, ThreadRules, resolve_conversations
 
 BATCH_MESSAGES = 200
 """Messages per index batch: large enough for efficient bulk requests, small enough that a
@@ -125,6 +125,7 @@ class Ingester:
         self.build_extra: dict[str, Any] = (
             {"classify_rules": classify_rules} if classify_rules is not None else {})
         self.pending: list[Staged] = []
+        self._threads: ThreadIndex | None = None  # one per poll: see ElasticsearchThreadIndex
         self.bytes_stored = 0
         self.oversize = 0
         self.parse_failed = 0
@@ -176,8 +177,10 @@ class Ingester:
         docs = [p.document if p.document is not None else p.future.result()  # type: ignore[union-attr]
                 for p in batch]
         # Conversation ids need the batch as a whole (parents in it) and the index as it is now.
+        if self._threads is None:
+            self._threads = thread_index_for(self.sink)
         resolve_conversations(docs, account_id=self.account_id, rules=self.thread_rules,
-                              index=thread_index_for(self.sink))
+                              index=self._threads)
         items: list[IndexItem] = []
         for p, doc in zip(batch, docs, strict=True):
             p.message_key = doc["popvault"]["message_key"]
@@ -190,6 +193,9 @@ class Ingester:
                                    raw_size=p.stored.size, document=doc, status=status))
         self.store.flush()  # raw bytes durable before anything is acknowledged
         outcomes = self.sink.write(items)
+        self._threads.written([doc for doc, o in zip(docs, outcomes, strict=True)
+                               if o.delivery is Delivery.DELIVERED
+                               and o.reason is DuplicateReason.NEW], self.account_id)
         return list(zip(batch, outcomes, strict=True))
 
 

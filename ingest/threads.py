@@ -263,6 +263,11 @@ class ThreadIndex(Protocol):
         return how many documents changed."""
         ...
 
+    def written(self, docs: Sequence[Mapping[str, Any]], account_id: str) -> None:
+        """``docs`` (resolved, then created by ``account_id``'s batch) are now in the sink:
+        an index whose searches lag behind its writes must answer for them from here on."""
+        ...
+
 
 # -- resolution -----------------------------------------------------------------------------
 

@@ -3,12 +3,13 @@
 Written as functions over each sink, like :mod:`ingest.sinks.lifecycle`, so the sinks keep
 their one job (the write contract) and threading can change without touching them.
 
-* **Elasticsearch**: ``terms`` lookups and an ``msearch`` for subjects on the read alias,
-  after one refresh per batch (search is near-real-time; the previous batch must be visible,
-  or a parent written a second ago would be missed). Re-pointing is a ``terms`` search on
-  ``conversation_id`` paged by ``message_key``, then bulk partial ``update`` by ``_index`` and
-  ``_id``: no scripts and no update-by-query, which need painless (absent from the minimal
-  distribution).
+* **Elasticsearch**: ``terms`` lookups, and for subjects one aggregation (which subjects
+  exist at all) then an ``msearch`` for those, on the read alias after one refresh per poll
+  (search is near-real-time; a parent written a second ago must not be missed). The poll's
+  own earlier batches are remembered in process instead of refreshing again. Re-pointing is
+  a ``terms`` search on ``conversation_id`` paged by ``message_key``, then bulk partial
+  ``update`` by ``_index`` and ``_id``: no scripts and no update-by-query, which need
+  painless (absent from the minimal distribution).
 * **embedded**: SQL over the documents' JSON, with expression indexes on the three thread
   fields (created on first use, ``IF NOT EXISTS``; SQLite maintains them on every write) so a
   lookup is an index probe, not a scan of every document; re-pointing is one ``UPDATE ...
@@ -38,6 +39,9 @@ LOOKUP_HITS_PER_ID = 4
 documents; any one of them answers)."""
 MSEARCH_CHUNK = 200
 """Subject searches per ``msearch`` request (one batch's worth)."""
+OVERLAY_LIMIT = 20_000
+"""Documents an Elasticsearch thread index remembers between refreshes; past this it forgets
+them and refreshes before its next lookup instead (bounds a long drain's memory)."""
 REPOINT_PAGE = 1_000
 """Documents per page while collecting children to re-point."""
 UPDATE_RETRY_ON_CONFLICT = 3
@@ -110,6 +114,9 @@ class MemoryThreadIndex:
                 doc["popvault"]["thread"]["conversation_id"] = moves[conv]
                 changed += 1
         return changed
+
+    def written(self, docs: Sequence[Mapping[str, Any]], account_id: str) -> None:
+        """Nothing to do: this sink's reads see its writes at once."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +202,9 @@ class EmbeddedThreadIndex:
                 f"'$.popvault.thread.conversation_id', ?) WHERE {_SQL_CONVERSATION} = ?", pairs)
             return int(cursor.rowcount)
 
+    def written(self, docs: Sequence[Mapping[str, Any]], account_id: str) -> None:
+        """Nothing to do: this sink's reads see its writes at once."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Elasticsearch
@@ -206,25 +216,60 @@ def _iso(when: dt.datetime) -> str:
 
 
 class ElasticsearchThreadIndex:
-    """Over :class:`ingest.sinks.elasticsearch.ElasticsearchSink`; one per batch (it refreshes
-    the read alias once, before its first search)."""
+    """Over :class:`ingest.sinks.elasticsearch.ElasticsearchSink`; one per poll (Ingester).
+
+    Search is near-real-time, so the first lookup refreshes the read alias (a parent written
+    by another poll a moment ago must be found). Later batches of the same poll do not refresh
+    again, which cost a segment per batch: what the poll itself wrote since is remembered here
+    (:meth:`written`) and answers alongside the index, whose own periodic refresh covers other
+    writers within a second. A re-point must see every recent document, so it refreshes.
+    """
 
     def __init__(self, sink: Any) -> None:
         self.sink = sink
         self._fresh = False
+        self._by_id: dict[str, str] = {}
+        self._by_subject: dict[str, list[tuple[dt.datetime, str, str]]] = {}
+        self._remembered = 0
 
-    def _prepare(self) -> None:
-        """Refresh the read alias once, before the first search of the batch."""
-        if self._fresh:
+    def _prepare(self, *, complete: bool = False) -> None:
+        """Refresh the read alias before the first search, and before one that must also see
+        the documents only remembered here (``complete``)."""
+        if self._fresh and not (complete and self._remembered):
             return
         sink = self.sink
         alias = sink.names.messages_alias
         sink._require_schema()  # the "run popvault schemas install" error, not a 404
         sink._call("refreshing " + alias, lambda: sink.client.indices.refresh(index=alias))
+        self._forget()
         self._fresh = True
 
+    def _forget(self) -> None:
+        self._by_id.clear()
+        self._by_subject.clear()
+        self._remembered = 0
+
+    def written(self, docs: Sequence[Mapping[str, Any]], account_id: str) -> None:
+        if not self._fresh:
+            return  # the next lookup refreshes first and finds them in the index
+        if self._remembered + len(docs) > OVERLAY_LIMIT:
+            self._forget()
+            self._fresh = False
+            return
+        for doc in docs:
+            conv = _value(doc, FIELD_CONVERSATION)
+            if not isinstance(conv, str):
+                continue
+            self._remembered += 1
+            mid = _value(doc, FIELD_MESSAGE_ID)
+            if isinstance(mid, str):
+                self._by_id.setdefault(mid, conv)
+            subject = _value(doc, FIELD_SUBJECT)
+            when = parse_timestamp(doc.get(FIELD_TIMESTAMP))
+            if isinstance(subject, str) and when is not None:
+                self._by_subject.setdefault(subject, []).append((when, conv, account_id))
+
     def _search(self, what: str, **kwargs: Any) -> dict[str, Any]:
-        self._prepare()
         sink = self.sink
         alias = sink.names.messages_alias
         result: dict[str, Any] = sink._call(
@@ -232,8 +277,10 @@ class ElasticsearchThreadIndex:
         return result
 
     def conversations_of(self, message_ids: Sequence[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for chunk in _chunks(list(dict.fromkeys(message_ids)), TERMS_CHUNK):
+        self._prepare()
+        wanted = list(dict.fromkeys(message_ids))
+        found = {mid: self._by_id[mid] for mid in wanted if mid in self._by_id}
+        for chunk in _chunks([m for m in wanted if m not in found], TERMS_CHUNK):
             resp = self._search(
                 "looking up thread parents", query={"terms": {FIELD_MESSAGE_ID: chunk}},
                 size=len(chunk) * LOOKUP_HITS_PER_ID,
@@ -249,6 +296,46 @@ class ElasticsearchThreadIndex:
         if not queries:
             return []
         self._prepare()
+        present = self._subjects_present(queries)
+        asked = [i for i, q in enumerate(queries) if (q.account_id, q.subject) in present]
+        out: list[SubjectMatch | None] = [None] * len(queries)
+        for i, match in zip(asked, self._newest_in_index([queries[i] for i in asked]),
+                            strict=True):
+            out[i] = match
+        for i, q in enumerate(queries):  # written by this poll since the refresh
+            for when, conv, account in self._by_subject.get(q.subject, ()):
+                best = out[i]
+                if (account == q.account_id and q.start <= when <= q.end
+                        and (best is None or when > best.timestamp)):
+                    out[i] = SubjectMatch(conv, when)
+        return out
+
+    def _subjects_present(self, queries: Sequence[SubjectQuery]) -> set[tuple[str, str]]:
+        """(account, subject) pairs with any threaded document in the queries' time span: one
+        aggregation instead of a search per message, most of which would find nothing."""
+        by_account: dict[str, list[SubjectQuery]] = {}
+        for q in queries:
+            by_account.setdefault(q.account_id, []).append(q)
+        present: set[tuple[str, str]] = set()
+        for account, group in by_account.items():
+            start, end = min(q.start for q in group), max(q.end for q in group)
+            subjects = list(dict.fromkeys(q.subject for q in group))
+            for chunk in _chunks(subjects, TERMS_CHUNK):
+                resp = self._search(
+                    "looking up thread subjects", size=0,
+                    query={"bool": {"filter": [
+                        {"terms": {FIELD_SUBJECT: chunk}},
+                        {"term": {FIELD_ACCOUNTS: account}},
+                        {"range": {FIELD_TIMESTAMP: {"gte": _iso(start), "lte": _iso(end)}}},
+                        {"exists": {"field": FIELD_CONVERSATION}},
+                    ]}},
+                    aggs={"subjects": {"terms": {"field": FIELD_SUBJECT, "size": len(chunk)}}})
+                for bucket in ((resp.get("aggregations") or {}).get("subjects") or {}).get(
+                        "buckets", []):
+                    present.add((account, bucket["key"]))
+        return present
+
+    def _newest_in_index(self, queries: Sequence[SubjectQuery]) -> list[SubjectMatch | None]:
         sink = self.sink
         alias = sink.names.messages_alias
         out: list[SubjectMatch | None] = []
@@ -290,6 +377,9 @@ class ElasticsearchThreadIndex:
         from ingest.sinks.lifecycle import ElasticsearchLifecycle
 
         olds = [old for old, new in moves.items() if new != old]
+        if not olds:
+            return 0
+        self._prepare(complete=True)
         ops = []
         for chunk in _chunks(olds, TERMS_CHUNK):
             after: list[Any] | None = None
@@ -312,6 +402,7 @@ class ElasticsearchThreadIndex:
                 after = hits[-1]["sort"]
         if not ops:
             return 0
+        self._fresh = False  # the updates must be visible to the next batch's lookups
         # Same verdicts as retention's bulk updates: a document deleted meanwhile is fine.
         return ElasticsearchLifecycle(self.sink)._bulk_checked(
             ops, "re-pointing conversations", self.sink.names.messages_alias)

@@ -199,6 +199,44 @@ def test_threads_converge_out_of_order_over_two_accounts(sink: Sink, tmp_path: P
     assert sink.count_documents() == len(mails)
 
 
+def test_one_poll_threads_across_its_batches_without_refreshing(sink: Sink,
+                                                                tmp_path: Path) -> None:
+    """One Ingester (one poll) writing several batches: later batches must see the earlier
+    ones. Elasticsearch's periodic refresh is switched off after the first batch, so only
+    what the poll remembers (and the refresh a re-point makes) can find them."""
+    day = 24.0
+    mails = {m.name: m for m in [
+        mail("p1", "P", "Toner low on floor 3", hours=0),
+        mail("p2", "P", "Re: Toner low on floor 3", hours=1, irt=["p1"]),
+        mail("s2", "P", "AW: toner LOW on floor 3", hours=2),  # subject only
+        mail("q3", "P", "Re: Re: Toner low on floor 3", hours=4, irt=["q2"]),  # before q2
+        mail("q2", "P", "Re: Toner low on floor 3", hours=3, irt=["p2"]),
+        mail("q4", "P", "Re: Re: Re: Toner low on floor 3", hours=5, irt=["q3"]),
+        mail("x1", "X", "Toner low on floor 3", hours=40 * day),  # outside the window
+    ]}
+    batches = [["p1"], ["s2"], ["p2"], ["q3"], ["q2"], ["q4", "x1"]]
+    store = FilesystemStore(tmp_path / "archive")
+    with ParserPool(workers=1, timeout_s=30) as parser:
+        ingester = Ingester(account_id="support", sink=sink, store=store, parser=parser,
+                            max_message_bytes=10 * 1024 * 1024, max_body_chars=100_000,
+                            now=lambda: FIRST_ARCHIVED)
+        for number, names in enumerate(batches):
+            for name in names:
+                staged = ingester.stage([mails[name].raw], ref=name, uidl=name)
+                assert staged is not None
+                assert ingester.add(staged) == []
+            written = ingester.finish()
+            assert [o.delivery for _s, o in written] == [Delivery.DELIVERED] * len(names)
+            if number == 0 and isinstance(sink, ElasticsearchSink):
+                sink.client.indices.put_settings(index=sink.names.messages_alias,
+                                                 settings={"index": {"refresh_interval": "-1"}})
+
+    stored = conversations(sink)
+    got = {name: stored[message_key(m.raw)]["conversation_id"] for name, m in mails.items()}
+    assert got == {**{name: normalized("p1") for name in mails if name != "x1"},
+                   "x1": normalized("x1")}
+
+
 # -- overhead -------------------------------------------------------------------------------
 
 
