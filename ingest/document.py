@@ -33,7 +33,7 @@ from ingest.attachtext import AttachmentTexts
 from ingest.classify import DEFAULT_RULES, ClassifyRules, classify
 from ingest.dedup import header_fields, header_text, normalize_message_id, split_message
 from ingest.htmltext import html_to_text
-from ingest.mimefast import join_base64_bodies
+from ingest.mimefast import parser_input
 from ingest.replytext import reply_text
 
 DEFAULT_MAX_BODY_CHARS = 1_000_000
@@ -110,10 +110,12 @@ def build_document(
     try:
         import mailparser
 
-        parsed = mailparser.parse_from_bytes(join_base64_bodies(raw))  # same payloads, faster
+        prepared = parser_input(raw)  # same payloads, faster (see ingest.mimefast)
+        parsed = mailparser.parse_from_bytes(prepared.data)
         message = parsed.message
         if message is None:
             raise ValueError("mail-parser returned no message")
+        prepared.restore(message)
         headers = _header_message(split_message(raw)[0]) if _headers_cut_short(message) else message
         body = _body(parsed.text_plain, parsed.text_html, max_body_chars)
         attachments: list[dict[str, Any]] = []

@@ -7,9 +7,21 @@ payload in one step. Only the parser's input changes; the archive keeps the byte
 
 A region is joined only if its part declares ``Content-Transfer-Encoding: base64`` and the
 whole body up to the next boundary line consists of base64 characters and line breaks.
+
+:func:`parser_input` goes one step further for parts that are plainly files (a type that is
+not text, message or multipart, and no ``plain``/``html`` subtype, which mail-parser would read
+as body text): the parser gets a short placeholder instead of the body, and
+:meth:`ParserInput.restore` puts the joined body back into the parsed tree before anything
+reads it. The feed parser's cost grows with every byte it is given (a regular expression scans
+each part's whole payload), so a file it never sees costs it nothing.
 """
 
 from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from email.message import Message
 
 MIN_JOIN_BYTES = 16 * 1024
 """Smaller bodies parse quickly anyway; joining them is not worth the scan."""
@@ -28,9 +40,8 @@ def _body_start(raw: bytes, header_pos: int) -> int:
     return -1 if lf == -1 else lf + 2
 
 
-def _base64_headers(raw: bytes) -> list[int]:
-    """Offsets of ``Content-Transfer-Encoding: base64`` header lines (any case), by find()."""
-    low = raw.lower()
+def _base64_headers(low: bytes) -> list[int]:
+    """Offsets of ``Content-Transfer-Encoding: base64`` header lines in lower-cased ``low``."""
     found: list[int] = []
     i = low.find(_CTE_HEADER)
     while i != -1:
@@ -42,13 +53,55 @@ def _base64_headers(raw: bytes) -> list[int]:
     return found
 
 
-def join_base64_bodies(raw: bytes) -> bytes:
-    """Return ``raw`` with each large, pure base64 part body joined into a single line."""
+_CONTENT_TYPE = re.compile(rb"(?:^|\n)content-type:[ \t]*([a-z0-9!#$&^_.+-]+)/([a-z0-9!#$&^_.+-]+)")
+_NOT_FILES = (b"text", b"message", b"multipart")
+
+
+def _is_file_part(low: bytes, header: int, body_start: int) -> bool:
+    """Does the header block around ``header`` (lower-cased bytes) declare a file type?"""
+    block_start = low.rfind(b"\n--", 0, header) + 1
+    match = _CONTENT_TYPE.search(low, block_start, body_start)
+    if match is None:  # no Content-Type: text/plain (or message/rfc822 in a digest)
+        return False
+    main, sub = match.group(1), match.group(2)
+    return main not in _NOT_FILES and sub not in (b"plain", b"html")
+
+
+@dataclass
+class ParserInput:
+    """What the parser is given, and the bodies it was spared (placeholder -> base64 text)."""
+
+    data: bytes
+    lifted: dict[str, str] = field(default_factory=dict)
+
+    def restore(self, message: Message) -> None:
+        """Put each spared body back into the parsed tree, as the joined base64 text."""
+        if not self.lifted:
+            return
+        for part in message.walk():
+            payload = part.get_payload() if not part.is_multipart() else None
+            if isinstance(payload, str):
+                original = self.lifted.get(payload.strip())
+                if original is not None:
+                    part.set_payload(original)
+
+
+def _placeholder(number: int) -> bytes:
+    """Valid base64 (a parser that decodes it finds no defect), unlike any real body."""
+    return base64.b64encode(f"popvault-spared-part-{number:06d}".encode())
+
+
+def parser_input(raw: bytes, *, spare_files: bool = True) -> ParserInput:
+    """``raw`` with each large, pure base64 part body joined into a single line, or (file
+    parts, with ``spare_files``) replaced by a placeholder that :meth:`ParserInput.restore`
+    swaps back."""
     if len(raw) < MIN_JOIN_BYTES:
-        return raw
+        return ParserInput(raw)
     out: list[bytes] = []
+    lifted: dict[str, str] = {}
     pos = 0
-    for header in _base64_headers(raw):
+    low = raw.lower()
+    for header in _base64_headers(low):
         if header < pos:
             continue
         start = _body_start(raw, header)
@@ -61,9 +114,18 @@ def join_base64_bodies(raw: bytes) -> bytes:
         if len(body) < MIN_JOIN_BYTES or body.translate(None, _BASE64_AND_BREAKS):
             continue  # small, or not only base64: leave it exactly as it is
         joined = body.replace(b"\r", b"").replace(b"\n", b"")
+        if spare_files and _is_file_part(low, header, start):
+            token = _placeholder(len(lifted))
+            lifted[token.decode("ascii")] = joined.decode("ascii")
+            joined = token
         out += [raw[pos:start], joined, b"\r" if body.endswith(b"\r") else b""]
         pos = end
     if not out:
-        return raw
+        return ParserInput(raw)
     out.append(raw[pos:])
-    return b"".join(out)
+    return ParserInput(b"".join(out), lifted)
+
+
+def join_base64_bodies(raw: bytes) -> bytes:
+    """Return ``raw`` with each large, pure base64 part body joined into a single line."""
+    return parser_input(raw, spare_files=False).data

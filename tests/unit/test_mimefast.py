@@ -1,4 +1,5 @@
-"""join_base64_bodies: a faster parser input that must never change what is parsed."""
+"""parser_input / join_base64_bodies: a faster parser input that must never change what is
+parsed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from ingest import document
 from ingest.document import build_document
-from ingest.mimefast import MIN_JOIN_BYTES, join_base64_bodies
+from ingest.mimefast import MIN_JOIN_BYTES, ParserInput, join_base64_bodies, parser_input
 from tests import corpus
 
 
@@ -24,7 +25,7 @@ def _doc(raw: bytes) -> str:
 def _doc_without_join(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> str:
     """The document as mail-parser builds it from the bytes untouched (the reference)."""
     with monkeypatch.context() as m:
-        m.setattr(document, "join_base64_bodies", lambda b: b)
+        m.setattr(document, "parser_input", ParserInput)
         return _doc(raw)
 
 
@@ -52,6 +53,32 @@ def test_large_base64_part_is_joined_and_decodes_to_the_same_bytes(
     assert _doc(raw) == _doc_without_join(raw, monkeypatch)
 
 
+def test_file_bodies_are_spared_from_the_parser_and_restored(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = bytes(range(256)) * 400
+    raw = _with_attachment(payload)
+    prepared = parser_input(raw)
+    assert len(prepared.data) < 1000 < len(raw)  # the parser never sees the 100 KB body
+    assert len(prepared.lifted) == 1
+    message = email.message_from_bytes(prepared.data, policy=policy.compat32)
+    prepared.restore(message)
+    parts = [p for p in message.walk() if p.get_filename() == "x.bin"]
+    assert parts[0].get_payload(decode=True) == payload
+    assert _doc(raw) == _doc_without_join(raw, monkeypatch)
+
+
+@pytest.mark.parametrize("content_type", [b"text/csv", b"application/html", b"image/plain",
+                                          b"message/rfc822", None])
+def test_parts_the_parser_may_read_as_text_are_joined_not_spared(
+        content_type: bytes | None) -> None:
+    raw = _with_attachment(b"a,b,c\n" * 4000)
+    old = b'Content-Type: application/octet-stream; name="x.bin"\r\n'
+    raw = raw.replace(old, b"Content-Type: " + content_type + b"\r\n" if content_type else b"")
+    prepared = parser_input(raw)
+    assert prepared.lifted == {}
+    assert prepared.data == join_base64_bodies(raw) != raw
+
+
 def test_bodies_that_are_not_pure_base64_or_small_are_left_alone() -> None:
     small = _with_attachment(b"tiny")
     assert join_base64_bodies(small) == small
@@ -68,9 +95,11 @@ def test_documents_are_identical_over_every_corpus(monkeypatch: pytest.MonkeyPat
                 + list(corpus.special_cases().values())
                 + corpus.generate_corpus(3, 40, mix="hostile").messages
                 + [corpus.big_attachment(2 * 1024 * 1024)])
-    changed = 0
+    changed = spared = 0
     for raw in messages:
-        joined = join_base64_bodies(raw)
-        changed += joined != raw
+        prepared = parser_input(raw)
+        changed += prepared.data != raw
+        spared += bool(prepared.lifted)
         assert _doc(raw) == _doc_without_join(raw, monkeypatch)
     assert changed >= 10, "the benchmark mix has many large attachments to join"
+    assert spared >= 10, "... most of them files the parser is spared"
