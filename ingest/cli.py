@@ -150,7 +150,10 @@ def poll(
             with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
                 reports = list(pool.map(one, [a.id for a in accounts]))
         if any(r.new or r.joined for r in reports):
-            _run(sink.refresh)  # `popvault search` right after a poll sees what it indexed
+            try:  # so that `popvault search` right after a poll sees what it indexed
+                sink.refresh()
+            except PopvaultError as exc:  # the reports (already delivered mail) still count
+                err.print(f"warning: {escape(str(exc))}", highlight=False)
     finally:
         sink.close()
     _print_reports(reports, as_json)
