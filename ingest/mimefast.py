@@ -34,7 +34,8 @@ _BASE64_AND_BREAKS = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 def _body_start(raw: bytes, header_pos: int) -> int:
     """Index just after the blank line that ends the header block containing header_pos."""
     crlf = raw.find(b"\r\n\r\n", header_pos)
-    lf = raw.find(b"\n\n", header_pos)
+    # Only an earlier bare-LF blank line can win: never scan the body for one.
+    lf = raw.find(b"\n\n", header_pos, len(raw) if crlf == -1 else crlf)
     if crlf != -1 and (lf == -1 or crlf <= lf):
         return crlf + 4
     return -1 if lf == -1 else lf + 2
