@@ -26,6 +26,7 @@ from ingest import __version__
 from ingest.archive import open_store
 from ingest.config import Config, load_config
 from ingest.errors import EXIT_FAILED, EXIT_USAGE, PopvaultError, exit_code
+from ingest.heap import limit_arenas
 from ingest.poll import AccountReport, PollOptions, poll_account
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -305,6 +306,7 @@ def _register_extra_commands() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    limit_arenas()  # before any thread starts (see ingest.heap)
     _register_worker_commands()
     _register_extra_commands()
     try:

@@ -42,6 +42,7 @@ from ingest.document import (
     fallback_document,
     now_iso,
 )
+from ingest.heap import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,22 @@ def _complete_kwargs(raw: bytes, kwargs: dict[str, Any], *,
     return done
 
 
+LARGE_PARSE_BYTES = 3 * 1024 * 1024
+"""Messages at least this large are parsed one at a time (a parse needs about five times the
+message in memory)."""
+TRIM_AFTER_BYTES = 1024 * 1024
+"""After parsing a message this large, the child hands its freed heap back to the system."""
+
+
 def _build_in_child(target: Target, raw: bytes, kwargs: dict[str, Any]) -> Document:
     """Runs in the child: compute what the parent left out, then build the document."""
     if "message_key" not in kwargs:
         kwargs = {**kwargs, "message_key": compute_message_key(raw)}
-    return target(raw, **kwargs)
+    try:
+        return target(raw, **kwargs)
+    finally:
+        if len(raw) >= TRIM_AFTER_BYTES:
+            release_free_memory()
 
 
 def _child_init(memory_mb: int) -> None:
@@ -311,12 +323,26 @@ class ParserPool:
             if not self._pending:
                 return
             if slot.task is None and slot.ready():
-                task = self._pending.popleft()
-                slot.task = task
+                startable = self._next_task()
+                if startable is None:
+                    return
+                slot.task = startable
                 slot.deadline = now + self.timeout_s
-                slot.running = slot.executor.submit(_build_in_child, self.target, task.raw,
-                                                    task.kwargs)
+                slot.running = slot.executor.submit(_build_in_child, self.target,
+                                                    startable.raw, startable.kwargs)
                 slot.running.add_done_callback(self._wake)
+
+    def _next_task(self) -> _Task | None:
+        """The oldest pending message that may start now: a large one waits while another
+        large one is being parsed (their parses set the pool's peak memory), small ones
+        overtake it meanwhile."""
+        large_running = any(s.task is not None and len(s.task.raw) >= LARGE_PARSE_BYTES
+                            for s in self._slots)
+        for index, task in enumerate(self._pending):
+            if not (large_running and len(task.raw) >= LARGE_PARSE_BYTES):
+                del self._pending[index]
+                return task
+        return None
 
     def _next_wakeup(self, now: float) -> float | None:
         deadlines = [slot.deadline for slot in self._slots if slot.task is not None]

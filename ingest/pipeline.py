@@ -21,6 +21,7 @@ from ingest import dedup
 from ingest.archive import RawStore, StoredRaw
 from ingest.classify import ClassifyRules
 from ingest.document import build_document
+from ingest.heap import release_free_memory
 from ingest.outcome import Delivery, DuplicateReason, ReceiptStatus
 from ingest.parse import ParserPool
 from ingest.sinks.base import IndexItem, ItemOutcome, Sink
@@ -196,7 +197,10 @@ class Ingester:
         self._threads.written([doc for doc, o in zip(docs, outcomes, strict=True)
                                if o.delivery is Delivery.DELIVERED
                                and o.reason is DuplicateReason.NEW], self.account_id)
-        return list(zip(batch, outcomes, strict=True))
+        written = list(zip(batch, outcomes, strict=True))
+        del docs, items
+        release_free_memory()  # the batch's documents and bulk body are garbage now
+        return written
 
 
 def _split_ready(batch: list[Staged]) -> tuple[list[Staged], list[Staged]]:

@@ -87,3 +87,22 @@ def test_submit_fills_identity_fields(pool: ParserPool) -> None:
 def test_submit_outside_context_is_refused() -> None:
     with pytest.raises(RuntimeError):
         ParserPool(workers=1).submit(b"Subject: x\r\n\r\n")
+
+
+def timed_target(raw: bytes, **kwargs: Any) -> dict[str, Any]:
+    """Runs in the child: records when it parsed (wall clock, comparable across processes)."""
+    started = time.time()
+    time.sleep(0.4)
+    return {"started": started, "ended": time.time(), "size": len(raw)}
+
+
+def test_large_messages_are_parsed_one_at_a_time_small_ones_overtake() -> None:
+    from ingest.parse import LARGE_PARSE_BYTES
+
+    large = [b"X" * LARGE_PARSE_BYTES + bytes([i]) for i in range(2)]
+    small = b"Subject: small\r\n\r\nhi\r\n"
+    with ParserPool(workers=2, timeout_s=30, target=timed_target) as pool:
+        futures = [pool.submit(raw, first_archived=ARCHIVED) for raw in [*large, small]]
+        first, second, tiny = (f.result(timeout=30) for f in futures)
+    assert second["started"] >= first["ended"] - 0.05, "two large parses overlapped"
+    assert tiny["started"] < first["ended"], "the small message waited behind the large one"
