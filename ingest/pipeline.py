@@ -31,7 +31,7 @@ from ingest.threads import DEFAULT_THREAD_RULES, ThreadIndex, ThreadRules, resol
 BATCH_MESSAGES = 200
 """Messages per index batch: large enough for efficient bulk requests, small enough that a
 failure re-fetches little."""
-BATCH_RAW_BYTES = 16 * 1024 * 1024
+BATCH_RAW_BYTES = 12 * 1024 * 1024
 """Raw bytes queued for parsing before a batch is written: bounds memory (a parse of a large
 MIME message costs several times its size in the child)."""
 HEAD_BYTES_FOR_OVERSIZE = 256 * 1024
