@@ -164,6 +164,8 @@ class ParserPool:
         memory_mb: ``RLIMIT_AS`` of each child, in MiB (0 = no limit).
         max_tasks_per_child: messages a child parses before it is replaced.
         target: the module-level function run in the child (tests swap in a slow one).
+        lazy: start the children on the first ``submit``, not on entering (a worker whose
+            polls mostly find nothing new never pays for them).
 
     Use as a context manager; leaving it waits for submitted messages, then stops children.
     Futures are completed from the pool's supervisor thread: keep done-callbacks short.
@@ -177,8 +179,10 @@ class ParserPool:
         memory_mb: int = DEFAULT_MEMORY_MB,
         max_tasks_per_child: int = MAX_TASKS_PER_CHILD,
         target: Target = build_document,
+        lazy: bool = False,
     ) -> None:
         self.workers = workers or os.cpu_count() or 1
+        self.lazy = lazy
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.max_tasks_per_child = max_tasks_per_child
@@ -190,6 +194,8 @@ class ParserPool:
         self._slots: list[_Slot] = []
         self._start_failures = 0
         self._closing = False
+        self._opened = False
+        self._starting = threading.Lock()
         self._supervisor: threading.Thread | None = None
 
     @classmethod
@@ -201,19 +207,23 @@ class ParserPool:
 
     def start(self) -> ParserPool:
         """Start the children and wait until they are ready (imports done)."""
-        with self._cond:
-            if self._supervisor is not None:
-                return self
-            self._slots = [self._new_slot() for _ in range(self.workers)]
-        for slot in self._slots:
-            try:
-                slot.pid.result(timeout=START_TIMEOUT_S)
-            except Exception as exc:
-                log.warning("parser child failed to start: %s", error_text(exc))
-        self._supervisor = threading.Thread(
-            target=self._supervise, name="popvault-parser-pool", daemon=True
-        )
-        self._supervisor.start()
+        with self._starting:
+            self._opened = True
+            with self._cond:
+                if self._supervisor is not None:
+                    return self
+                self._slots = [self._new_slot() for _ in range(self.workers)]
+            for slot in self._slots:
+                try:
+                    slot.pid.result(timeout=START_TIMEOUT_S)
+                except Exception as exc:
+                    log.warning("parser child failed to start: %s", error_text(exc))
+            supervisor = threading.Thread(
+                target=self._supervise, name="popvault-parser-pool", daemon=True
+            )
+            supervisor.start()
+            with self._cond:
+                self._supervisor = supervisor
         return self
 
     def close(self) -> None:
@@ -229,6 +239,9 @@ class ParserPool:
         self._slots = []
 
     def __enter__(self) -> ParserPool:
+        if self.lazy:
+            self._opened = True
+            return self
         return self.start()
 
     def __exit__(
@@ -245,6 +258,8 @@ class ParserPool:
         """Queue one message; the future always resolves to a document, never an exception."""
         future: Future[Document] = Future()
         task = _Task(raw, _complete_kwargs(raw, build_kwargs, with_key=False), future)
+        if self.lazy and self._opened and self._supervisor is None and not self._closing:
+            self.start()
         with self._cond:
             if self._closing or self._supervisor is None:
                 raise RuntimeError("ParserPool is not running (use it as a context manager)")

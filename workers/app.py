@@ -165,9 +165,9 @@ class Runtime:
                     stack.callback(sink.close)
                     sink.ensure_schema()
                     store = open_store(config)
-                    parser = stack.enter_context(ParserPool(
+                    parser = stack.enter_context(ParserPool(  # started by the first new mail
                         workers=1, timeout_s=config.parse.timeout_s,
-                        memory_mb=config.parse.memory_mb))
+                        memory_mb=config.parse.memory_mb, lazy=True))
                 except BaseException:
                     stack.close()
                     raise

@@ -55,7 +55,7 @@ from ingest.pop3.protocol import (
     parse_greeting,
     parse_reply,
 )
-from ingest.pop3.tls import create_ssl_context, describe_verify_error
+from ingest.pop3.tls import TLS_SESSIONS, describe_verify_error, shared_ssl_context
 
 log = logging.getLogger("popvault.pop3")
 
@@ -256,7 +256,7 @@ class Pop3Session:
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            self._ssl_context = create_ssl_context(self.account.ca_file, self.account.verify)
+            self._ssl_context = shared_ssl_context(self.account.ca_file, self.account.verify)
         return self._ssl_context
 
     def start_tls(self) -> None:
@@ -266,8 +266,11 @@ class Pop3Session:
         if self._remaining() <= 0:
             self._deadline_error()
         raw.settimeout(min(self.account.connect_timeout_s, self._remaining()))
+        context = self._context()
         try:
-            self._sock = self._context().wrap_socket(raw, server_hostname=host)
+            self._sock = context.wrap_socket(
+                raw, server_hostname=host,
+                session=TLS_SESSIONS.get(host, self.account.port, context))
         except ssl.SSLCertVerificationError as exc:
             self._abort()
             raise TLSError(describe_verify_error(exc, host), account_id=self.account.id) from exc
@@ -452,6 +455,10 @@ class Pop3Session:
         except PopvaultError:
             self._abort()
             raise
+        if isinstance(self._sock, ssl.SSLSocket) and self._ssl_context is not None:
+            # Read by now: the ticket a TLS 1.3 server sends after the handshake.
+            TLS_SESSIONS.put(self.account.host, self.account.port, self._ssl_context,
+                             self._sock.session)
         return self.mechanism
 
     # ---- TRANSACTION --------------------------------------------------------------------

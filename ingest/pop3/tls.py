@@ -6,7 +6,9 @@ checks the chain and the host name unless the account explicitly says ``verify =
 
 from __future__ import annotations
 
+import functools
 import ssl
+import threading
 from pathlib import Path
 
 from ingest.errors import ConfigError
@@ -40,6 +42,55 @@ def create_ssl_context(ca_file: Path | None, verify: bool) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_context(ca_file: Path | None, ca_stamp: tuple[int, int] | None,
+                    verify: bool) -> ssl.SSLContext:
+    return create_ssl_context(ca_file, verify)
+
+
+def shared_ssl_context(ca_file: Path | None, verify: bool) -> ssl.SSLContext:
+    """One context per CA file (as it is now on disk) and verify setting, for every session
+    of a process: building one reads the CA file and costs more than the handshake's own
+    certificate check, and TLS sessions can only be resumed through the context that made
+    them."""
+    stamp = None
+    if ca_file is not None:
+        try:
+            info = ca_file.stat()
+            stamp = (info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = None  # create_ssl_context reports the unreadable file
+    return _cached_context(ca_file, stamp, verify)
+
+
+class SessionCache:
+    """TLS sessions by server, so the next connection to it can resume instead of a full
+    handshake (saves the server a signature, the client a chain verification). Resumption is
+    the server's choice; a refused or expired session costs nothing but the full handshake."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._sessions: dict[tuple[str, int, int], ssl.SSLSession] = {}
+        self._lock = threading.Lock()
+
+    def get(self, host: str, port: int, context: ssl.SSLContext) -> ssl.SSLSession | None:
+        with self._lock:
+            return self._sessions.get((host.lower(), port, id(context)))
+
+    def put(self, host: str, port: int, context: ssl.SSLContext,
+            session: ssl.SSLSession | None) -> None:
+        if session is None:
+            return
+        with self._lock:
+            if len(self._sessions) >= self._capacity:
+                self._sessions.pop(next(iter(self._sessions)))
+            self._sessions[(host.lower(), port, id(context))] = session
+
+
+TLS_SESSIONS = SessionCache()
+"""This process's sessions; contexts are cached for its life, so their ids stay valid."""
 
 
 def describe_verify_error(exc: ssl.SSLCertVerificationError, host: str) -> str:

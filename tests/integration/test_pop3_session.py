@@ -81,6 +81,25 @@ def test_implicit_tls_login_and_capabilities(tls_account: AccountConfig, mailbox
         s.quit()
 
 
+def test_later_sessions_resume_tls_and_still_verify(tmp_path: Path, mailbox: Any,
+                                                    stack: Any) -> None:
+    """Sessions share one context per CA file and resume the last TLS session to a server.
+    Dovecot runs two login processes with their own ticket keys, so a resumption lands on
+    about half the connections: twenty must see at least one."""
+    acc = make_account(tmp_path, mailbox)
+    reused = []
+    for _ in range(20):
+        with Pop3Session.open(acc, password=mailbox.password, token=None) as s:
+            reused.append(s.tls_info()["session_reused"])
+            assert s.tls_info()["certificate"], "the peer certificate is known after resuming"
+            s.quit()
+    assert any(reused[1:]), reused
+    # A resumable session to this server is no way past verification with another CA.
+    other = make_account(tmp_path, mailbox, ca_file=str(stack.other_ca_file))
+    with pytest.raises(TLSError):
+        Pop3Session.open(other, password=mailbox.password, token=None)
+
+
 def test_starttls_reads_capa_again(tmp_path: Path, mailbox: Any, stack: Any) -> None:
     acc = make_account(tmp_path, mailbox, security="starttls", port=stack.pop3_port)
     s = Pop3Session.connect(acc)

@@ -106,3 +106,14 @@ def test_large_messages_are_parsed_one_at_a_time_small_ones_overtake() -> None:
         first, second, tiny = (f.result(timeout=30) for f in futures)
     assert second["started"] >= first["ended"] - 0.05, "two large parses overlapped"
     assert tiny["started"] < first["ended"], "the small message waited behind the large one"
+
+
+def test_lazy_pool_starts_children_on_the_first_message() -> None:
+    with ParserPool(workers=1, timeout_s=30, lazy=True) as pool:
+        assert pool.stats.children_started == 0
+        doc = pool.parse(corpus.plain_text(seed=3), first_archived=ARCHIVED)
+        assert doc["popvault"]["parse_status"] == "ok"
+        assert pool.stats.children_started == 1
+    with ParserPool(workers=1, timeout_s=30, lazy=True) as idle:
+        pass
+    assert idle.stats.children_started == 0
