@@ -95,8 +95,10 @@ def create_app(config: Config, settings: WorkerSettings | None = None) -> Celery
         beat_schedule_filename=beat_file,
         timezone="UTC",
         enable_utc=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events cost a Redis publish per task state; Flower switches them on itself
+        # (its --enable_events, on by default) while it watches, like `celery events` does.
+        worker_send_task_events=False,
+        task_send_sent_event=False,
     )
     events = parse_events_config(config)
     if events is not None:  # ticket events: a dispatcher run every few seconds, own queue
