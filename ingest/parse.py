@@ -194,6 +194,7 @@ class ParserPool:
         self._slots: list[_Slot] = []
         self._start_failures = 0
         self._closing = False
+        self._woken = False
         self._opened = False
         self._starting = threading.Lock()
         self._supervisor: threading.Thread | None = None
@@ -293,11 +294,13 @@ class ParserPool:
 
     def _wake(self, _future: Future[Any]) -> None:
         with self._cond:
+            self._woken = True
             self._cond.notify_all()
 
     def _supervise(self) -> None:
         with self._cond:
             while True:
+                self._woken = False
                 now = time.monotonic()
                 for index, slot in enumerate(self._slots):
                     self._slots[index] = self._check_slot(slot, now)
@@ -305,6 +308,11 @@ class ParserPool:
                 busy = any(slot.task is not None for slot in self._slots)
                 if self._closing and not busy and not self._pending:
                     return
+                if self._woken:
+                    # A future finished while this thread held the lock: add_done_callback
+                    # ran _wake right here, and its notify reached nobody. Look again now
+                    # instead of sleeping until the next deadline (a parse timeout away).
+                    continue
                 self._cond.wait(self._next_wakeup(now))
 
     def _check_slot(self, slot: _Slot, now: float) -> _Slot:

@@ -117,3 +117,36 @@ def test_lazy_pool_starts_children_on_the_first_message() -> None:
     with ParserPool(workers=1, timeout_s=30, lazy=True) as idle:
         pass
     assert idle.stats.children_started == 0
+
+
+class InlineExecutor:
+    """Stands in for a child that answers before the pool has attached its callback."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def submit(self, fn: Any, *args: Any) -> Any:
+        from concurrent.futures import Future
+
+        done: Future[Any] = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def instant_target(raw: bytes, **kwargs: Any) -> dict[str, Any]:
+    return {"size": len(raw)}
+
+
+def test_a_result_that_is_ready_at_once_is_not_left_waiting_for_the_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ingest.parse
+
+    monkeypatch.setattr(ingest.parse, "ProcessPoolExecutor", InlineExecutor)
+    with ParserPool(workers=1, timeout_s=20, target=instant_target) as pool:
+        started = time.monotonic()
+        for i in range(3):
+            assert pool.parse(b"x" * i, first_archived=ARCHIVED) == {"size": i}
+        assert time.monotonic() - started < 5, "a finished parse waited for its deadline"
