@@ -55,17 +55,39 @@ def _base64_headers(low: bytes) -> list[int]:
 
 
 _CONTENT_TYPE = re.compile(rb"(?:^|\n)content-type:[ \t]*([a-z0-9!#$&^_.+-]+)/([a-z0-9!#$&^_.+-]+)")
-_NOT_FILES = (b"text", b"message", b"multipart")
+_NOT_FILES = (b"message", b"multipart")
+_FILE_FIELDS = re.compile(rb"(?:^|\n)(content-type|content-disposition|content-id):"
+                          rb"((?:[^\n]*)(?:\n[ \t][^\n]*)*)")
+"""The part header fields that make mail-parser file a part as an attachment (with their
+folded continuation lines)."""
+_NAME_PARAM = re.compile(rb';\s*(?:file)?name\*?(?:\d+\*?)?\s*=\s*"?[^"\s;]')
+"""A non-empty ``name``/``filename`` parameter, RFC 2231 forms included."""
 
 
 def _is_file_part(low: bytes, header: int, body_start: int) -> bool:
-    """Does the header block around ``header`` (lower-cased bytes) declare a file type?"""
+    """Does the header block around ``header`` (lower-cased bytes) make the part a file that
+    mail-parser files as an attachment and never reads as body text?
+
+    Its type must not be message or multipart, nor have a ``plain``/``html`` subtype (those
+    are body text), and mail-parser must see it as an attachment: a file name, an
+    ``attachment`` disposition, or a Content-ID. Anything else keeps its body in the parse.
+    """
     block_start = low.rfind(b"\n--", 0, header) + 1
     match = _CONTENT_TYPE.search(low, block_start, body_start)
     if match is None:  # no Content-Type: text/plain (or message/rfc822 in a digest)
         return False
     main, sub = match.group(1), match.group(2)
-    return main not in _NOT_FILES and sub not in (b"plain", b"html")
+    if main in _NOT_FILES or sub in (b"plain", b"html"):
+        return False
+    for found in _FILE_FIELDS.finditer(low, block_start, body_start):
+        name, value = found.group(1), found.group(2)
+        if name == b"content-id" and value.strip():
+            return True
+        if name == b"content-disposition" and value.strip().startswith(b"attachment"):
+            return True
+        if _NAME_PARAM.search(value):
+            return True
+    return False
 
 
 @dataclass

@@ -79,6 +79,26 @@ def test_parts_the_parser_may_read_as_text_are_joined_not_spared(
     assert prepared.data == join_base64_bodies(raw) != raw
 
 
+@pytest.mark.parametrize(("headers", "spared"), [
+    (b'Content-Type: text/csv\r\nContent-Disposition: attachment; filename="d.csv"', True),
+    (b"Content-Type: text/csv\r\nContent-Disposition:\r\n attachment", True),
+    (b"Content-Type: image/png\r\nContent-ID: <logo@example.com>", True),
+    (b"Content-Type: application/pdf;\r\n name*0*=utf-8''r%C3%A9sum%C3%A9.pdf", True),
+    (b"Content-Type: application/octet-stream", False),  # mail-parser decodes it as text
+    (b'Content-Type: text/csv; name=""', False),
+    (b'Content-Type: text/plain\r\nContent-Disposition: attachment; filename="a.txt"', False),
+])
+def test_only_parts_mail_parser_files_as_attachments_are_spared(
+        headers: bytes, spared: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _with_attachment(b"a,b,c\n" * 4000)
+    old = b'Content-Type: application/octet-stream; name="x.bin"'
+    raw = raw.replace(old, headers)
+    prepared = parser_input(raw)
+    assert bool(prepared.lifted) is spared
+    assert prepared.data != raw  # joined at least
+    assert _doc(raw) == _doc_without_join(raw, monkeypatch)
+
+
 def test_bodies_that_are_not_pure_base64_or_small_are_left_alone() -> None:
     small = _with_attachment(b"tiny")
     assert join_base64_bodies(small) == small
