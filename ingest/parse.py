@@ -207,18 +207,14 @@ class ParserPool:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> ParserPool:
-        """Start the children and wait until they are ready (imports done)."""
+        """Start the children; messages are handed to each once its imports are done (the
+        supervisor watches them start), so the caller connects meanwhile."""
         with self._starting:
             self._opened = True
             with self._cond:
                 if self._supervisor is not None:
                     return self
                 self._slots = [self._new_slot() for _ in range(self.workers)]
-            for slot in self._slots:
-                try:
-                    slot.pid.result(timeout=START_TIMEOUT_S)
-                except Exception as exc:
-                    log.warning("parser child failed to start: %s", error_text(exc))
             supervisor = threading.Thread(
                 target=self._supervise, name="popvault-parser-pool", daemon=True
             )
