@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ingest.archive import FilesystemStore
+from ingest.docpath import field_value
 from ingest.errors import ArchiveError
 from ingest.searchquery import parse_query
 
@@ -191,17 +192,8 @@ def _first(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _field(doc: dict[str, Any], dotted: str) -> Any:
-    cur: Any = doc
-    for part in dotted.split("."):
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(part)
-    return cur
-
-
 def _date(doc: dict[str, Any]) -> tuple[str, dt.datetime | None]:
-    text = _first(_field(doc, "email.origination_timestamp")) or _first(doc.get("@timestamp"))
+    text = _first(field_value(doc, "email.origination_timestamp")) or _first(doc.get("@timestamp"))
     try:
         when = dt.datetime.fromisoformat(text) if text else None
     except ValueError:
@@ -273,7 +265,7 @@ def export(sink: Any, store: FilesystemStore, query: str, fmt: ExportFormat, out
 def _messages(matches: Iterable[tuple[str, dict[str, Any]]], store: FilesystemStore
               ) -> Iterator[tuple[str, dict[str, Any], bytes, dt.datetime | None, str]]:
     for key, doc in matches:
-        sha = _first(_field(doc, "popvault.raw_sha256"))
+        sha = _first(field_value(doc, "popvault.raw_sha256"))
         if not sha:
             raise ArchiveError(f"document {key} has no popvault.raw_sha256: cannot export it")
         raw = store.read(sha)  # verified against its SHA-256 (and decrypted if sealed)
@@ -284,10 +276,10 @@ def _messages(matches: Iterable[tuple[str, dict[str, Any]]], store: FilesystemSt
 def _item(key: str, doc: dict[str, Any], raw: bytes, date_text: str,
           location: str) -> ExportItem:
     return ExportItem(
-        message_key=key, message_id=_first(_field(doc, "email.message_id")), date=date_text,
-        sender=_first(_field(doc, "email.from.address")),
-        subject=_first(_field(doc, "email.subject")),
-        sha256=_first(_field(doc, "popvault.raw_sha256")), size=len(raw), location=location)
+        message_key=key, message_id=_first(field_value(doc, "email.message_id")), date=date_text,
+        sender=_first(field_value(doc, "email.from.address")),
+        subject=_first(field_value(doc, "email.subject")),
+        sha256=_first(field_value(doc, "popvault.raw_sha256")), size=len(raw), location=location)
 
 
 def _write_mbox(fh: _HashingWriter, matches: Iterable[tuple[str, dict[str, Any]]],

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ingest.docpath import field_values
 from ingest.errors import IndexFull, SinkError
 from ingest.outcome import Delivery, DuplicateReason, ReceiptStatus
 from ingest.searchquery import (
@@ -156,20 +157,6 @@ _MIGRATE_FROM_1_COPY = (
     "SELECT message_key, subject, body_text, '' FROM fts_v1",
     "DROP TABLE fts_v1",
 )
-
-
-def _values(doc: Mapping[str, Any], dotted: str) -> list[Any]:
-    """Values at a dotted path; lists along the way are flattened (like ES object arrays)."""
-    values: list[Any] = [doc]
-    for part in dotted.split("."):
-        nxt: list[Any] = []
-        for v in values:
-            for el in (v if isinstance(v, list) else [v]):
-                if isinstance(el, Mapping) and part in el:
-                    got = el[part]
-                    nxt.extend(got if isinstance(got, list) else [got])
-        values = nxt
-    return [v for v in values if v is not None]
 
 
 def _clean(text: str) -> str:
@@ -392,8 +379,8 @@ class EmbeddedSink:
         if isinstance(popvault, Mapping) and "accounts" in popvault:
             doc["popvault"] = {k: v for k, v in popvault.items() if k != "accounts"}
         text = _clean(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
-        has_attachments = any(v is True for v in _values(doc, FIELD_HAS_ATTACHMENTS))
-        timestamp = _values(doc, FIELD_TIMESTAMP)
+        has_attachments = any(v is True for v in field_values(doc, FIELD_HAS_ATTACHMENTS))
+        timestamp = field_values(doc, FIELD_TIMESTAMP)
         key = item.message_key
         conn.execute("INSERT INTO documents(message_key, timestamp_ms, has_attachments, json) "
                      "VALUES (?, ?, ?, ?)",
@@ -401,19 +388,19 @@ class EmbeddedSink:
                       int(has_attachments), text))
         addresses = []
         for role, dotted in _ROLE_FIELDS:
-            for value in _values(doc, dotted):
+            for value in field_values(doc, dotted):
                 address = _clean(str(value)).lower()
                 domain = address.rsplit("@", 1)[1] if "@" in address else None
                 addresses.append((key, role, address, domain))
         conn.executemany("INSERT INTO document_addresses(message_key, role, address, domain) "
                          "VALUES (?, ?, ?, ?)", addresses)
         conn.executemany("INSERT INTO document_files(message_key, name) VALUES (?, ?)",
-                         [(key, _clean(str(v)).lower()) for v in _values(doc, FIELD_FILENAME)])
+                         [(key, _clean(str(v)).lower()) for v in field_values(doc, FIELD_FILENAME)])
         conn.execute("INSERT INTO fts(message_key, subject, body_text, attachment_text) "
                      "VALUES (?, ?, ?, ?)",
-                     (key, _clean(" \n".join(str(v) for v in _values(doc, FIELD_SUBJECT))),
-                      _clean(" \n".join(str(v) for v in _values(doc, FIELD_BODY))),
-                      _clean(" \n".join(str(v) for v in _values(doc, FIELD_ATTACHMENT_TEXT)))))
+                     (key, _clean(" \n".join(str(v) for v in field_values(doc, FIELD_SUBJECT))),
+                      _clean(" \n".join(str(v) for v in field_values(doc, FIELD_BODY))),
+                      _clean(" \n".join(str(v) for v in field_values(doc, FIELD_ATTACHMENT_TEXT)))))
 
     # -- reads ----------------------------------------------------------------------------------
 

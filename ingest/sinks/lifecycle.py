@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from ingest.docpath import field_values
 from ingest.errors import SinkError
 from ingest.outcome import ReceiptStatus
 from ingest.searchquery import (
@@ -40,7 +41,6 @@ from ingest.searchquery import (
     to_es_query,
 )
 from ingest.sinks.base import Receipt, receipt_id
-from ingest.sinks.embedded import _values
 
 FIELD_RAW_SHA256 = "popvault.raw_sha256"
 SCAN_PAGE_SIZE = 1_000
@@ -84,14 +84,14 @@ class Lifecycle(Protocol):
 def doc_info(message_key: str, doc: Mapping[str, Any], index: str | None = None) -> DocInfo:
     """A :class:`DocInfo` from a document source (full or filtered to DOC_SOURCE_FIELDS)."""
     stamp = doc.get(FIELD_TIMESTAMP)
-    raw = _values(doc, FIELD_RAW_SHA256)
+    raw = field_values(doc, FIELD_RAW_SHA256)
     return DocInfo(
         message_key=message_key,
         timestamp=stamp if isinstance(stamp, str) else None,
         raw_sha256=str(raw[0]) if raw else None,
-        accounts=tuple(str(v) for v in _values(doc, FIELD_ACCOUNTS)),
-        from_addresses=tuple(str(v).lower() for v in _values(doc, FIELD_FROM)),
-        to_addresses=tuple(str(v).lower() for f in FIELDS_TO for v in _values(doc, f)),
+        accounts=tuple(str(v) for v in field_values(doc, FIELD_ACCOUNTS)),
+        from_addresses=tuple(str(v).lower() for v in field_values(doc, FIELD_FROM)),
+        to_addresses=tuple(str(v).lower() for f in FIELDS_TO for v in field_values(doc, f)),
         index=index,
     )
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from ingest.docpath import field_values
 from ingest.errors import IndexFull, SinkError
 from ingest.outcome import Delivery, DuplicateReason
 from ingest.searchquery import (
@@ -243,20 +244,9 @@ class MemorySink:
 
 
 def _get(doc: Mapping[str, Any], dotted: str) -> Any:
-    """Values at a dotted path; lists along the way are flattened (like ES object arrays)."""
-    values: list[Any] = [doc]
-    for part in dotted.split("."):
-        nxt: list[Any] = []
-        for v in values:
-            if isinstance(v, Mapping) and part in v:
-                got = v[part]
-                nxt.extend(got if isinstance(got, list) else [got])
-            elif isinstance(v, list):
-                for el in v:
-                    if isinstance(el, Mapping) and part in el:
-                        got = el[part]
-                        nxt.extend(got if isinstance(got, list) else [got])
-        values = nxt
+    """Values at a dotted path (see :func:`ingest.docpath.field_values`); ``@timestamp`` is one
+    value, like the date field it is in the index."""
+    values = field_values(doc, dotted)
     if dotted == FIELD_TIMESTAMP:
         return values[0] if values else None
     return values

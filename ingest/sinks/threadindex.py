@@ -23,6 +23,7 @@ import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ingest.docpath import field_value
 from ingest.errors import SinkError
 from ingest.threads import SubjectMatch, SubjectQuery, ThreadIndex, parse_timestamp
 
@@ -49,15 +50,6 @@ UPDATE_RETRY_ON_CONFLICT = 3
 different fields, so retrying on the fresh version is always right."""
 
 
-def _value(doc: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = doc
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(part)
-    return node
-
-
 def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield list(items[start:start + size])
@@ -80,7 +72,7 @@ class MemoryThreadIndex:
         wanted = set(message_ids)
         found: dict[str, str] = {}
         for doc in self.sink.documents.values():
-            mid, conv = _value(doc, FIELD_MESSAGE_ID), _value(doc, FIELD_CONVERSATION)
+            mid, conv = field_value(doc, FIELD_MESSAGE_ID), field_value(doc, FIELD_CONVERSATION)
             if mid in wanted and isinstance(conv, str):
                 found.setdefault(mid, conv)
         return found
@@ -90,10 +82,10 @@ class MemoryThreadIndex:
         subjects = {q.subject for q in queries}
         by_subject: dict[str, list[tuple[dt.datetime, str, list[str]]]] = {}
         for doc in self.sink.documents.values():
-            subject, conv = _value(doc, FIELD_SUBJECT), _value(doc, FIELD_CONVERSATION)
+            subject, conv = field_value(doc, FIELD_SUBJECT), field_value(doc, FIELD_CONVERSATION)
             when = parse_timestamp(doc.get(FIELD_TIMESTAMP))
             if subject in subjects and isinstance(conv, str) and when is not None:
-                accounts = list(_value(doc, FIELD_ACCOUNTS) or [])
+                accounts = list(field_value(doc, FIELD_ACCOUNTS) or [])
                 by_subject.setdefault(subject, []).append((when, conv, accounts))
         out: list[SubjectMatch | None] = []
         for q in queries:
@@ -109,7 +101,7 @@ class MemoryThreadIndex:
         self.sink._check(writing=True)
         changed = 0
         for doc in self.sink.documents.values():
-            conv = _value(doc, FIELD_CONVERSATION)
+            conv = field_value(doc, FIELD_CONVERSATION)
             if isinstance(conv, str) and conv in moves and moves[conv] != conv:
                 doc["popvault"]["thread"]["conversation_id"] = moves[conv]
                 changed += 1
@@ -257,14 +249,14 @@ class ElasticsearchThreadIndex:
             self._fresh = False
             return
         for doc in docs:
-            conv = _value(doc, FIELD_CONVERSATION)
+            conv = field_value(doc, FIELD_CONVERSATION)
             if not isinstance(conv, str):
                 continue
             self._remembered += 1
-            mid = _value(doc, FIELD_MESSAGE_ID)
+            mid = field_value(doc, FIELD_MESSAGE_ID)
             if isinstance(mid, str):
                 self._by_id.setdefault(mid, conv)
-            subject = _value(doc, FIELD_SUBJECT)
+            subject = field_value(doc, FIELD_SUBJECT)
             when = parse_timestamp(doc.get(FIELD_TIMESTAMP))
             if isinstance(subject, str) and when is not None:
                 self._by_subject.setdefault(subject, []).append((when, conv, account_id))
@@ -287,7 +279,8 @@ class ElasticsearchThreadIndex:
                 source=[FIELD_MESSAGE_ID, FIELD_CONVERSATION])
             for hit in resp["hits"]["hits"]:
                 source = hit.get("_source") or {}
-                mid, conv = _value(source, FIELD_MESSAGE_ID), _value(source, FIELD_CONVERSATION)
+                mid = field_value(source, FIELD_MESSAGE_ID)
+                conv = field_value(source, FIELD_CONVERSATION)
                 if isinstance(mid, str) and isinstance(conv, str):
                     found.setdefault(mid, conv)
         return found
@@ -364,7 +357,7 @@ class ElasticsearchThreadIndex:
                         f"{sink._scrub(str(reply['error']))[:300]}", transient=True)
                 hits = reply["hits"]["hits"]
                 source = (hits[0].get("_source") or {}) if hits else {}
-                conv = _value(source, FIELD_CONVERSATION)
+                conv = field_value(source, FIELD_CONVERSATION)
                 when = parse_timestamp(source.get(FIELD_TIMESTAMP))
                 out.append(SubjectMatch(conv, when) if isinstance(conv, str) and when else None)
         if len(out) != len(queries):
@@ -391,7 +384,7 @@ class ElasticsearchThreadIndex:
                     sort=[{FIELD_MESSAGE_KEY: "asc"}], **extra)
                 hits = resp["hits"]["hits"]
                 for hit in hits:
-                    new = moves.get(_value(hit.get("_source") or {}, FIELD_CONVERSATION))
+                    new = moves.get(field_value(hit.get("_source") or {}, FIELD_CONVERSATION))
                     if new is not None:
                         ops.append(_make_op(
                             "update", hit["_index"], hit["_id"],
