@@ -148,7 +148,3 @@ def parser_input(raw: bytes, *, spare_files: bool = True) -> ParserInput:
     out.append(raw[pos:])
     return ParserInput(b"".join(out), lifted)
 
-
-def join_base64_bodies(raw: bytes) -> bytes:
-    """Return ``raw`` with each large, pure base64 part body joined into a single line."""
-    return parser_input(raw, spare_files=False).data
