@@ -68,29 +68,33 @@ def shared_ssl_context(ca_file: Path | None, verify: bool) -> ssl.SSLContext:
 class SessionCache:
     """TLS sessions by server, so the next connection to it can resume instead of a full
     handshake (saves the server a signature, the client a chain verification). Resumption is
-    the server's choice; a refused or expired session costs nothing but the full handshake."""
+    the server's choice; a refused or expired session costs nothing but the full handshake.
+    Each entry holds its context, so a session is only ever offered through the context that
+    made it (Python refuses any other)."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
-        self._sessions: dict[tuple[str, int, int], ssl.SSLSession] = {}
+        self._sessions: dict[tuple[str, int], tuple[ssl.SSLContext, ssl.SSLSession]] = {}
         self._lock = threading.Lock()
 
     def get(self, host: str, port: int, context: ssl.SSLContext) -> ssl.SSLSession | None:
         with self._lock:
-            return self._sessions.get((host.lower(), port, id(context)))
+            entry = self._sessions.get((host.lower(), port))
+        return entry[1] if entry is not None and entry[0] is context else None
 
     def put(self, host: str, port: int, context: ssl.SSLContext,
             session: ssl.SSLSession | None) -> None:
         if session is None:
             return
+        key = (host.lower(), port)
         with self._lock:
-            if len(self._sessions) >= self._capacity:
+            if key not in self._sessions and len(self._sessions) >= self._capacity:
                 self._sessions.pop(next(iter(self._sessions)))
-            self._sessions[(host.lower(), port, id(context))] = session
+            self._sessions[key] = (context, session)
 
 
 TLS_SESSIONS = SessionCache()
-"""This process's sessions; contexts are cached for its life, so their ids stay valid."""
+"""This process's sessions."""
 
 
 def describe_verify_error(exc: ssl.SSLCertVerificationError, host: str) -> str:
