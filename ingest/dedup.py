@@ -101,15 +101,28 @@ def _fingerprint(header_block: bytes, body: bytes) -> tuple[str, bytes | None]:
         # Nothing identifies the message (garbage, or no originator header at all): hash all
         # of it, so two such messages can never share a key only because both lack headers.
         whole = header_block + b"\n\n" + body
-        digest.update(b"whole\n" + whole.replace(b"\r\n", b"\n").rstrip(b" \t\r\n"))
+        digest.update(b"whole\n" + lf_line_ends(whole).rstrip(b" \t\r\n"))
         return digest.hexdigest(), None
     for name in FINGERPRINT_HEADERS:
         for value in wanted.get(name, ()):
             digest.update(name + b":" + value + b"\n")
     digest.update(b"\n")
-    digest.update(body.replace(b"\r\n", b"\n").rstrip(b" \t\r\n"))
+    digest.update(lf_line_ends(body).rstrip(b" \t\r\n"))
     message_ids = wanted.get(b"message-id")
     return digest.hexdigest(), (message_ids[0] if message_ids else None)
+
+
+def lf_line_ends(data: bytes) -> bytes:
+    """``data`` with every CRLF turned into LF (bare CRs stay), as ``replace`` would do.
+
+    When every CR is part of a CRLF (as in all mail served over POP3), deleting the CRs is the
+    same thing, and ``translate`` plus a count does it faster than ``replace`` (the CPython
+    3.11 ``replace`` restarts its search at every line).
+    """
+    stripped = data.translate(None, b"\r")
+    if len(data) - len(stripped) == data.count(b"\r\n"):
+        return stripped
+    return data.replace(b"\r\n", b"\n")
 
 
 def normalize_message_id(value: str | None) -> str | None:

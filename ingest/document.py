@@ -20,6 +20,7 @@ import email.header
 import email.utils
 import hashlib
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message
@@ -120,7 +121,7 @@ def build_document(
         body = _body(parsed.text_plain, parsed.text_html, max_body_chars)
         attachments: list[dict[str, Any]] = []
         texts = AttachmentTexts()
-        count = _collect_attachments(message, attachments, 0, texts)
+        count = _collect_attachments(message, attachments, 0, texts, prepared.decoded_payload)
         defects = _mailparser_defects(parsed.defects)
         return _assemble(
             headers, raw, ids, body=body, attachments=attachments, attachment_count=count,
@@ -503,7 +504,11 @@ def _body(plain: list[str], html: list[str], max_chars: int) -> tuple[str, bool,
 
 
 def _collect_attachments(
-    part: Message, out: list[dict[str, Any]], depth: int, texts: AttachmentTexts | None = None
+    part: Message,
+    out: list[dict[str, Any]],
+    depth: int,
+    texts: AttachmentTexts | None = None,
+    decoded_payload: Callable[[Message], bytes | None] | None = None,
 ) -> int:
     """Append attachment records under ``part``; return how many were found (uncapped).
 
@@ -514,6 +519,7 @@ def _collect_attachments(
     never invented (mail-parser makes up random ones, which would make documents differ
     between two parses of the same bytes). ``texts``, if given, gets each leaf's bytes for
     text extraction (attached messages are not opened: their own archive copy is the record).
+    ``decoded_payload`` may already hold a leaf's decoded bytes (see :mod:`ingest.mimefast`).
     """
     if depth > MAX_MIME_DEPTH:
         return 0
@@ -535,13 +541,15 @@ def _collect_attachments(
         payload = part.get_payload()
         for sub in payload if isinstance(payload, list) else []:
             if isinstance(sub, Message):
-                found += _collect_attachments(sub, out, depth + 1, texts)
+                found += _collect_attachments(sub, out, depth + 1, texts, decoded_payload)
         return found
     if mime_type.startswith("multipart/"):  # a multipart whose boundary never matched
         return 0
     if not (name or disposition == "attachment" or mime_type not in ("text/plain", "text/html")):
         return 0
-    decoded = part.get_payload(decode=True)
+    decoded: Any = decoded_payload(part) if decoded_payload is not None else None
+    if decoded is None:
+        decoded = part.get_payload(decode=True)
     data = decoded if isinstance(decoded, bytes) else b""
     _add_attachment(out, name, mime_type, data)
     if texts is not None:

@@ -156,3 +156,12 @@ def test_messages_without_originator_headers_never_merge() -> None:
     one, two = b"X-A: 1\r\nX-B: 2", b"X-A: 1\r\nX-B: 3"
     assert message_key(one) != message_key(two)
     assert message_key(one) == message_key(one.replace(b"\r\n", b"\n") + b"\n")
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"a\r\nb\r\n", b"a\rb\r\n", b"\r", b"\r\r\n", b"a\nb\r\n\r", b"x" * 100 + b"\r\n\r\r\n",
+])
+def test_lf_line_ends_turns_only_crlf_into_lf(data: bytes) -> None:
+    from ingest.dedup import lf_line_ends
+
+    assert lf_line_ends(data) == data.replace(b"\r\n", b"\n")
