@@ -6,18 +6,22 @@ whose child dies (memory limit, segfault) is blamed exactly. Either way the call
 headers-only document flagged ``parse_status = "timeout"`` or ``"failed"``, built in this
 process, and the child is replaced. :meth:`ParserPool.submit` never yields an exception.
 
-Why one single-worker ``ProcessPoolExecutor`` per slot rather than one executor with N
-workers: the pool dispatches a message only to an idle slot, so it knows which message runs
-in which process and since when. That makes the deadline measure parse time, not queue time,
-and lets a kill hit only the culprit. With a shared executor, killing one child breaks the
-executor and fails every other in-flight message with it.
+Why each child is a plain process with its own pipes rather than a ``ProcessPoolExecutor``:
+the pool dispatches a message only to an idle child, so it knows which message runs in which
+process and since when. That makes the deadline measure parse time, not queue time, and lets
+a kill hit only the culprit (killing one child of a shared executor breaks the executor and
+fails every other in-flight message with it). One supervisor thread waits on every child's
+pipe at once; an executor per child would add a feeder and a manager thread each, and their
+hand-offs cost the fetching process as much CPU as the fetch itself.
 
-IPC stays cheap: the raw bytes go down pickled once, the document dict comes back.
+IPC stays cheap: the raw bytes go down the pipe as they are (no pickling), in pipes enlarged
+to 1 MiB so a 5 MB message is a few writes, not eighty; the document dict comes back pickled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -26,9 +30,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any
 
@@ -54,6 +59,10 @@ MAX_START_FAILURES = 3
 """Consecutive child start failures before the pool gives up and flags messages as failed."""
 START_TIMEOUT_S = 60.0
 """How long a new child may take to start (imports included) before it counts as failed."""
+PIPE_BYTES = 1024 * 1024
+"""Requested pipe capacity (Linux ``F_SETPIPE_SZ``; the default is 64 KiB)."""
+STOP_TIMEOUT_S = 5.0
+"""How long a child asked to stop may take before it is killed."""
 
 Document = dict[str, Any]
 Target = Callable[..., Document]
@@ -115,10 +124,43 @@ def _child_init(memory_mb: int) -> None:
     import mailparser  # noqa: F401
 
 
+def _child_main(requests: Connection, results: Connection, memory_mb: int,
+                target: Target) -> None:
+    """The child's loop: say ready, then parse one message per request until told to stop.
+
+    A request is the pickled keyword arguments, then the raw bytes as they are; ``None``
+    stops the child. The reply is ``("ok", document)`` or ``("error", reason)``.
+    """
+    _child_init(memory_mb)
+    results.send(("ready", os.getpid()))
+    while True:
+        try:
+            kwargs = requests.recv()
+            if kwargs is None:
+                return
+            raw = requests.recv_bytes()
+        except EOFError:  # the parent is gone
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", _build_in_child(target, raw, kwargs))
+        except Exception as exc:  # MemoryError under the limit, or a target's own bug
+            reply = ("error", error_text(exc))
+        del raw
+        results.send(reply)
+
+
 def _mp_context() -> multiprocessing.context.BaseContext:
     """forkserver where available (no inherited threads or sockets), spawn elsewhere."""
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _enlarge_pipe(conn: Connection) -> None:
+    """Ask for a 1 MiB pipe; where that is refused (other systems, a lower limit) keep it."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(conn.fileno(), set_size, PIPE_BYTES)
 
 
 @dataclass
@@ -129,19 +171,18 @@ class _Task:
 
 
 @dataclass
-class _Slot:
-    """One child process and what it is doing."""
+class _Child:
+    """One child process, its two pipes, and what it is doing."""
 
-    executor: ProcessPoolExecutor
-    pid: Future[int]
+    process: BaseProcess
+    requests: Connection
+    results: Connection
     started_at: float
+    ready: bool = False
     task: _Task | None = None
-    running: Future[Document] | None = None
     deadline: float = 0.0
     tasks_run: int = 0
-
-    def ready(self) -> bool:
-        return self.pid.done() and self.pid.exception() is None
+    retired: bool = False
 
 
 @dataclass
@@ -188,16 +229,17 @@ class ParserPool:
         self.max_tasks_per_child = max_tasks_per_child
         self.target = target
         self.stats = PoolStats()
-        self._context = _mp_context()
-        self._cond = threading.Condition()
+        self._context: Any = _mp_context()
+        self._lock = threading.Lock()
         self._pending: deque[_Task] = deque()
-        self._slots: list[_Slot] = []
+        self._running = 0
+        self._children: list[_Child] = []
         self._start_failures = 0
         self._closing = False
-        self._woken = False
         self._opened = False
         self._starting = threading.Lock()
         self._supervisor: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
 
     @classmethod
     def from_config(cls, config: Any) -> ParserPool:
@@ -211,29 +253,34 @@ class ParserPool:
         supervisor watches them start), so the caller connects meanwhile."""
         with self._starting:
             self._opened = True
-            with self._cond:
-                if self._supervisor is not None:
-                    return self
-                self._slots = [self._new_slot() for _ in range(self.workers)]
+            if self._supervisor is not None:
+                return self
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            self._children = [self._new_child() for _ in range(self.workers)]
             supervisor = threading.Thread(
                 target=self._supervise, name="popvault-parser-pool", daemon=True
             )
             supervisor.start()
-            with self._cond:
-                self._supervisor = supervisor
+            self._supervisor = supervisor
         return self
 
     def close(self) -> None:
         """Finish every submitted message, then stop the children."""
-        with self._cond:
+        with self._lock:
             self._closing = True
-            self._cond.notify_all()
+        self._wake()
         if self._supervisor is not None:
             self._supervisor.join()
             self._supervisor = None
-        for slot in self._slots:
-            slot.executor.shutdown(wait=True, cancel_futures=True)
-        self._slots = []
+        for child in self._children:
+            self._stop(child)
+        self._children = []
+        for fd in (self._wake_r, self._wake_w):
+            if fd != -1:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     def __enter__(self) -> ParserPool:
         if self.lazy:
@@ -257,11 +304,11 @@ class ParserPool:
         task = _Task(raw, _complete_kwargs(raw, build_kwargs, with_key=False), future)
         if self.lazy and self._opened and self._supervisor is None and not self._closing:
             self.start()
-        with self._cond:
+        with self._lock:
             if self._closing or self._supervisor is None:
                 raise RuntimeError("ParserPool is not running (use it as a context manager)")
             self._pending.append(task)
-            self._cond.notify_all()
+        self._wake()
         return future
 
     def parse(self, raw: bytes, **build_kwargs: Any) -> Document:
@@ -271,92 +318,168 @@ class ParserPool:
     @property
     def in_flight(self) -> int:
         """Messages submitted and not yet done; a fetch loop uses it for backpressure."""
-        with self._cond:
-            return len(self._pending) + sum(1 for s in self._slots if s.task is not None)
+        with self._lock:
+            return len(self._pending) + self._running
 
     # -- supervisor --------------------------------------------------------------------------
 
-    def _new_slot(self) -> _Slot:
-        executor = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=self._context,
-            initializer=_child_init,
-            initargs=(self.memory_mb,),
-        )
-        pid = executor.submit(os.getpid)
-        pid.add_done_callback(self._wake)
-        self.stats.children_started += 1
-        return _Slot(executor=executor, pid=pid, started_at=time.monotonic())
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending
+            os.write(self._wake_w, b"\0")
 
-    def _wake(self, _future: Future[Any]) -> None:
-        with self._cond:
-            self._woken = True
-            self._cond.notify_all()
+    def _new_child(self) -> _Child:
+        requests_r, requests_w = self._context.Pipe(duplex=False)
+        results_r, results_w = self._context.Pipe(duplex=False)
+        _enlarge_pipe(requests_w)
+        _enlarge_pipe(results_w)
+        process = self._context.Process(
+            target=_child_main, args=(requests_r, results_w, self.memory_mb, self.target),
+            name="popvault-parser", daemon=True,
+        )
+        self.stats.children_started += 1
+        try:
+            process.start()
+        finally:
+            requests_r.close()
+            results_w.close()
+        return _Child(process, requests_w, results_r, started_at=time.monotonic())
 
     def _supervise(self) -> None:
-        with self._cond:
-            while True:
-                self._woken = False
-                now = time.monotonic()
-                for index, slot in enumerate(self._slots):
-                    self._slots[index] = self._check_slot(slot, now)
-                self._dispatch(now)
-                busy = any(slot.task is not None for slot in self._slots)
-                if self._closing and not busy and not self._pending:
+        while True:
+            now = time.monotonic()
+            for index, child in enumerate(self._children):
+                self._children[index] = self._check_child(child, now)
+            self._dispatch(now)
+            with self._lock:
+                if self._closing and not self._running and not self._pending:
                     return
-                if self._woken:
-                    # A future finished while this thread held the lock: add_done_callback
-                    # ran _wake right here, and its notify reached nobody. Look again now
-                    # instead of sleeping until the next deadline (a parse timeout away).
-                    continue
-                self._cond.wait(self._next_wakeup(now))
+            by_conn = {child.results: child for child in self._children if not child.retired}
+            ready = wait([*by_conn, self._wake_r], self._next_wakeup(now))
+            for item in ready:
+                if item == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                elif isinstance(item, Connection):
+                    self._receive(by_conn[item])
 
-    def _check_slot(self, slot: _Slot, now: float) -> _Slot:
-        """Collect a finished result, enforce the deadline, replace dead or worn-out children."""
-        if slot.running is not None and slot.task is not None:
-            if slot.running.done():
-                return self._finish(slot)
-            if now >= slot.deadline:
-                return self._expire(slot)
-            return slot
-        failure = slot.pid.exception() if slot.pid.done() else None
-        if failure is not None:
+    def _receive(self, child: _Child) -> None:
+        """Read one reply from a child: its ready signal or a result; EOF means it died."""
+        try:
+            kind, value = child.results.recv()
+        except (EOFError, OSError):
+            if child.task is not None:
+                self.stats.crashes += 1
+                self._fail(child, "parser process died (memory limit or crash)")
+            elif not child.ready:
+                self._start_failures += 1
+                log.warning("parser child exited while starting")
+            self._retire(child)
+            return
+        if kind == "ready":
+            child.ready = True
+            return
+        task = child.task
+        if task is None:  # a reply nobody asked for: the child is confused, replace it
+            self._retire(child)
+            return
+        child.task = None
+        child.tasks_run += 1
+        with self._lock:
+            self._running -= 1
+        if kind == "ok":
+            self.stats.parsed += 1
+            self._start_failures = 0
+            _resolve(task.future, value)
+            if child.tasks_run >= self.max_tasks_per_child:
+                self._retire(child)
+            return
+        self.stats.errors += 1
+        reason = "parser process raised " + str(value)
+        log.warning("message %s: %s", task.kwargs.get("message_key"), reason)
+        self._resolve_fallback(task, PARSE_FAILED, reason)
+        self._retire(child)  # a child that raised past build_document is suspect
+
+    def _check_child(self, child: _Child, now: float) -> _Child:
+        """Enforce the deadline; replace dead, stuck-starting or worn-out children."""
+        if child.task is not None and now >= child.deadline:
+            self.stats.timeouts += 1
+            task = child.task
+            log.warning("message %s: parse exceeded %.1f s; child killed",
+                        task.kwargs.get("message_key"), self.timeout_s)
+            self._fail(child, f"parse exceeded {self.timeout_s:g} s", PARSE_TIMEOUT)
+            self._retire(child)
+        elif not child.ready and now - child.started_at > START_TIMEOUT_S:
             self._start_failures += 1
-            log.warning("parser child failed to start: %s", error_text(failure))
-            return self._replace(slot)
-        if not slot.pid.done() and now - slot.started_at > START_TIMEOUT_S:
-            self._start_failures += 1
-            self._kill(slot)
-            return self._replace(slot)
-        return slot
+            log.warning("parser child did not start within %.0f s", START_TIMEOUT_S)
+            self._retire(child)
+        return self._new_child() if child.retired else child
+
+    def _fail(self, child: _Child, reason: str, status: str = PARSE_FAILED) -> None:
+        task, child.task = child.task, None
+        if task is None:
+            return
+        with self._lock:
+            self._running -= 1
+        if status == PARSE_FAILED:
+            log.warning("message %s: %s", task.kwargs.get("message_key"), reason)
+        self._resolve_fallback(task, status, reason)
+
+    def _retire(self, child: _Child) -> None:
+        """Kill the child and close its pipes; the next check replaces it."""
+        if child.retired:
+            return
+        child.retired = True
+        with contextlib.suppress(OSError, ValueError):
+            child.process.kill()
+        with contextlib.suppress(OSError, ValueError):
+            child.process.join(STOP_TIMEOUT_S)
+        child.requests.close()
+        child.results.close()
+        with contextlib.suppress(ValueError):
+            child.process.close()
+
+    def _stop(self, child: _Child) -> None:
+        """Ask an idle child to finish; kill it if it does not."""
+        if child.retired:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            child.requests.send(None)
+            child.process.join(STOP_TIMEOUT_S)
+        self._retire(child)
 
     def _dispatch(self, now: float) -> None:
         if self._start_failures >= MAX_START_FAILURES:
-            while self._pending:  # no child can run: flag rather than hang the caller
-                task = self._pending.popleft()
+            with self._lock:
+                failed, self._pending = list(self._pending), deque()
+            for task in failed:  # no child can run: flag rather than hang the caller
                 self._resolve_fallback(task, PARSE_FAILED, "parser process could not start")
-            if any(slot.ready() for slot in self._slots):
+            if any(child.ready for child in self._children):
                 self._start_failures = 0
             return
-        for slot in self._slots:
-            if not self._pending:
-                return
-            if slot.task is None and slot.ready():
+        for child in self._children:
+            if child.task is not None or not child.ready or child.retired:
+                continue
+            with self._lock:
                 startable = self._next_task()
                 if startable is None:
                     return
-                slot.task = startable
-                slot.deadline = now + self.timeout_s
-                slot.running = slot.executor.submit(_build_in_child, self.target,
-                                                    startable.raw, startable.kwargs)
-                slot.running.add_done_callback(self._wake)
+                self._running += 1
+            child.task = startable
+            child.deadline = now + self.timeout_s
+            try:
+                child.requests.send(startable.kwargs)
+                child.requests.send_bytes(startable.raw)
+            except (OSError, ValueError):  # it died idle: its EOF or the next check replaces it
+                self.stats.crashes += 1
+                self._fail(child, "parser process died (memory limit or crash)")
+                self._retire(child)
 
     def _next_task(self) -> _Task | None:
         """The oldest pending message that may start now: a large one waits while another
         large one is being parsed (their parses set the pool's peak memory), small ones
-        overtake it meanwhile."""
-        large_running = any(s.task is not None and len(s.task.raw) >= LARGE_PARSE_BYTES
-                            for s in self._slots)
+        overtake it meanwhile. Called with the lock held."""
+        large_running = any(c.task is not None and len(c.task.raw) >= LARGE_PARSE_BYTES
+                            for c in self._children)
         for index, task in enumerate(self._pending):
             if not (large_running and len(task.raw) >= LARGE_PARSE_BYTES):
                 del self._pending[index]
@@ -364,56 +487,11 @@ class ParserPool:
         return None
 
     def _next_wakeup(self, now: float) -> float | None:
-        deadlines = [slot.deadline for slot in self._slots if slot.task is not None]
-        starting = [slot.started_at + START_TIMEOUT_S for slot in self._slots if not slot.ready()]
+        deadlines = [child.deadline for child in self._children if child.task is not None]
+        starting = [child.started_at + START_TIMEOUT_S
+                    for child in self._children if not child.ready]
         soonest = min(deadlines + starting, default=None)
         return None if soonest is None else max(0.0, soonest - now) + 0.01
-
-    def _finish(self, slot: _Slot) -> _Slot:
-        task, running = slot.task, slot.running
-        assert task is not None and running is not None
-        slot.task, slot.running = None, None
-        slot.tasks_run += 1
-        error = running.exception()
-        if error is None:
-            self.stats.parsed += 1
-            self._start_failures = 0
-            _resolve(task.future, running.result())
-            if slot.tasks_run >= self.max_tasks_per_child:
-                return self._replace(slot)
-            return slot
-        if isinstance(error, BrokenProcessPool):
-            self.stats.crashes += 1
-            reason = "parser process died (memory limit or crash)"
-        else:
-            self.stats.errors += 1
-            reason = "parser process raised " + error_text(error)
-        log.warning("message %s: %s", task.kwargs.get("message_key"), reason)
-        self._resolve_fallback(task, PARSE_FAILED, reason)
-        return self._replace(slot)  # a child that raised past build_document is suspect
-
-    def _expire(self, slot: _Slot) -> _Slot:
-        task = slot.task
-        assert task is not None
-        self.stats.timeouts += 1
-        log.warning(
-            "message %s: parse exceeded %.1f s; child killed",
-            task.kwargs.get("message_key"),
-            self.timeout_s,
-        )
-        self._kill(slot)
-        slot.task, slot.running = None, None
-        self._resolve_fallback(task, PARSE_TIMEOUT, f"parse exceeded {self.timeout_s:g} s")
-        return self._replace(slot)
-
-    def _kill(self, slot: _Slot) -> None:
-        if slot.pid.done() and slot.pid.exception() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(slot.pid.result(), signal.SIGKILL)
-
-    def _replace(self, slot: _Slot) -> _Slot:
-        slot.executor.shutdown(wait=False, cancel_futures=True)
-        return self._new_slot()
 
     def _resolve_fallback(self, task: _Task, status: str, reason: str) -> None:
         kwargs = task.kwargs

@@ -119,34 +119,39 @@ def test_lazy_pool_starts_children_on_the_first_message() -> None:
     assert idle.stats.children_started == 0
 
 
-class InlineExecutor:
-    """Stands in for a child that answers before the pool has attached its callback."""
-
-    def __init__(self, **_: Any) -> None:
-        pass
-
-    def submit(self, fn: Any, *args: Any) -> Any:
-        from concurrent.futures import Future
-
-        done: Future[Any] = Future()
-        done.set_result(fn(*args))
-        return done
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
-
-
 def instant_target(raw: bytes, **kwargs: Any) -> dict[str, Any]:
     return {"size": len(raw)}
 
 
-def test_a_result_that_is_ready_at_once_is_not_left_waiting_for_the_deadline(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    import ingest.parse
-
-    monkeypatch.setattr(ingest.parse, "ProcessPoolExecutor", InlineExecutor)
+def test_results_come_back_as_soon_as_they_are_ready() -> None:
+    """A finished parse is collected at once, not at the next deadline (20 s away here)."""
     with ParserPool(workers=1, timeout_s=20, target=instant_target) as pool:
+        pool.parse(b"warm-up", first_archived=ARCHIVED)
         started = time.monotonic()
-        for i in range(3):
+        for i in range(50):
             assert pool.parse(b"x" * i, first_archived=ARCHIVED) == {"size": i}
         assert time.monotonic() - started < 5, "a finished parse waited for its deadline"
+
+
+def test_messages_larger_than_the_pipe_arrive_whole() -> None:
+    from ingest.parse import PIPE_BYTES
+
+    sizes = [PIPE_BYTES * 5 + 3, 10, PIPE_BYTES - 1, 0]
+    with ParserPool(workers=2, timeout_s=30, target=instant_target) as pool:
+        futures = [pool.submit(b"y" * n, first_archived=ARCHIVED) for n in sizes]
+        assert [f.result(timeout=30)["size"] for f in futures] == sizes
+
+
+def test_children_are_replaced_after_their_quota_and_all_stop_on_close() -> None:
+    import multiprocessing
+
+    def parsers() -> set[int | None]:
+        return {p.pid for p in multiprocessing.active_children() if p.name == "popvault-parser"}
+
+    before = parsers()  # the module's pool is still running
+    with ParserPool(workers=2, timeout_s=30, max_tasks_per_child=3,
+                    target=instant_target) as pool:
+        for i in range(10):
+            assert pool.parse(b"z" * i, first_archived=ARCHIVED) == {"size": i}
+        assert pool.stats.children_started >= 5
+    assert parsers() <= before
