@@ -262,5 +262,6 @@ def import_paths(paths: Iterable[Path], *, account_id: str, sink: Sink, store: R
     try:
         _Importer(ingester, sink, report, progress).run(sources)
     finally:
+        ingester.close()
         report.duration_s = time.monotonic() - started
     return report

@@ -5,13 +5,17 @@ the bounded process pool (or, above ``max_message_bytes``, index it from its hea
 write documents and receipts to the sink in batches — after one ``flush`` has made the batch's
 raw objects durable. Callers learn, per message, whether it was delivered; only then may a
 source act on it (DELE, or marking an import done).
+
+Batches are written by a writer thread, one at a time and in order, while the caller goes on
+fetching and archiving: the index round trips and the flush no longer stall the fetch.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -36,6 +40,9 @@ BATCH_RAW_BYTES = 12 * 1024 * 1024
 MIME message costs several times its size in the child)."""
 HEAD_BYTES_FOR_OVERSIZE = 256 * 1024
 """An oversize message is indexed from its first bytes only (the header block)."""
+WRITES_IN_FLIGHT = 2
+"""Batches handed to the writer thread and not yet acknowledged: one being written, one
+waiting. More would only hold more documents in memory; the fetch waits instead."""
 
 
 @dataclass
@@ -126,6 +133,8 @@ class Ingester:
         self.build_extra: dict[str, Any] = (
             {"classify_rules": classify_rules} if classify_rules is not None else {})
         self.pending: list[Staged] = []
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: deque[Future[Written]] = deque()
         self._threads: ThreadIndex | None = None  # one per poll: see ElasticsearchThreadIndex
         self.bytes_stored = 0
         self.oversize = 0
@@ -161,18 +170,46 @@ class Ingester:
                       raw_bytes=stored.size)  # the key comes back with the document
 
     def add(self, staged: Staged) -> Written:
-        """Queue a staged message; when the batch is full, write what is ready."""
+        """Queue a staged message; when the batch is full, hand what is ready to the writer.
+
+        Returns the outcomes of batches the writer has finished since the last call (a write
+        error is raised here). Waits only when the writer is :data:`WRITES_IN_FLIGHT` behind.
+        """
         self.pending.append(staged)
         parsing = sum(p.raw_bytes for p in self.pending if p.parsing())
         if len(self.pending) < BATCH_MESSAGES and parsing < BATCH_RAW_BYTES:
-            return []
+            return self._collect(wait_for=0)
         ready, self.pending = _split_ready(self.pending)
-        return self._write(ready)
+        if ready:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="popvault-writer")
+            self._writes.append(self._writer.submit(self._write, ready))
+        return self._collect(wait_for=max(0, len(self._writes) - WRITES_IN_FLIGHT))
 
     def finish(self) -> Written:
-        """Write everything still queued (waiting for the last parses)."""
+        """Write everything still queued (waiting for the last parses and writes)."""
+        written = self._collect(wait_for=len(self._writes))
         batch, self.pending = self.pending, []
-        return self._write(batch) if batch else []
+        return written + (self._write(batch) if batch else [])
+
+    def close(self) -> None:
+        """Let a write in progress end (its outcome is dropped: the caller is failing and acts
+        on nothing), then stop the writer thread. Safe to call twice."""
+        if self._writes:
+            wait(self._writes)
+            self._writes.clear()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    def _collect(self, *, wait_for: int) -> Written:
+        """Outcomes of finished writes, in order; the oldest ``wait_for`` are waited for."""
+        written: Written = []
+        while self._writes and (wait_for > 0 or self._writes[0].done()):
+            wait_for -= 1
+            written += self._writes.popleft().result()
+        return written
 
     def _write(self, batch: list[Staged]) -> Written:
         docs = [p.document if p.document is not None else p.future.result()  # type: ignore[union-attr]

@@ -309,6 +309,7 @@ class AccountPoller:
                 delivered |= self._tally(ingester.add(staged), uidls)
             delivered |= self._tally(ingester.finish(), uidls)
         finally:
+            ingester.close()
             self.report.bytes_fetched += ingester.bytes_stored
             self.report.oversize += ingester.oversize
             self.report.parse_failed += ingester.parse_failed
