@@ -68,9 +68,13 @@ class Box:
 
     def on_server(self) -> set[str]:
         out = set()
-        for sub in ("new", "cur"):
+        for sub in ("new", "cur"):  # new first: a file Dovecot moves to cur meanwhile is seen there
             for p in (self.mailbox.maildir / sub).iterdir():
-                m = re.search(rb"^Message-ID: (<[^>]+>)", p.read_bytes(), re.M | re.I)
+                try:
+                    data = p.read_bytes()
+                except FileNotFoundError:  # expunged (or moved to cur) since the listing
+                    continue
+                m = re.search(rb"^Message-ID: (<[^>]+>)", data, re.M | re.I)
                 if m:
                     out.add(m.group(1).decode())
         return out
