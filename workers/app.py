@@ -44,6 +44,7 @@ log = logging.getLogger("popvault.workers")
 
 SWEEP_TASK = "popvault.sweep"
 POLL_TASK = "popvault.poll_account"
+POLL_BATCH_TASK = "popvault.poll_accounts"
 RETENTION_TASK = "popvault.retention"
 RETENTION_HOUR_UTC = 3
 """Daily retention runs at 03:30 UTC, on the sweep queue (maintenance, not polling)."""
@@ -78,6 +79,7 @@ def create_app(config: Config, settings: WorkerSettings | None = None) -> Celery
         task_queues=(Queue(POLL_QUEUE), Queue(SWEEP_QUEUE)),
         task_default_queue=POLL_QUEUE,
         task_routes={SWEEP_TASK: {"queue": SWEEP_QUEUE}, POLL_TASK: {"queue": POLL_QUEUE},
+                     POLL_BATCH_TASK: {"queue": POLL_QUEUE},
                      RETENTION_TASK: {"queue": SWEEP_QUEUE}},
         beat_schedule={
             "popvault-retention": {

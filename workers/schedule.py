@@ -27,6 +27,9 @@ log = logging.getLogger("popvault.workers.schedule")
 
 SWEEP_BATCH = 500
 """Due accounts read and claimed per round trip (ZRANGEBYSCORE ... LIMIT)."""
+MIN_TASKS_PER_ROUND = 16
+"""A claim round is spread over at least this many poll tasks (when it has that many
+accounts), so that every worker process gets some of it."""
 SEED_CHUNK = 1000
 """Account ids checked per ZMSCORE when looking for accounts that have no due time yet."""
 POLL_QUEUE = "popvault.poll"
@@ -72,6 +75,12 @@ class ScheduleConfig:
     """Claims per sweep; the rest stay due and go to the next sweep."""
     max_backlog: int = 10_000
     """No claims while this many poll tasks wait in the queue (workers are behind)."""
+    poll_batch: int = 16
+    """Most accounts one poll task checks, one after another: a task's own cost (broker round
+    trips, hand-over to a worker process) is paid once for all of them. 1 = a task each."""
+    poll_batch_handoff_s: float = 10.0
+    """A batch task that has run this long sends its remaining accounts back to the queue as a
+    new task, so one busy mailbox delays the others by at most this much."""
     host_busy_retry_s: float = 10.0
     """Countdown (±50 %) before retrying a task whose host had no free connection slot."""
     host_busy_max_retries: int = 30
@@ -155,6 +164,9 @@ def parse_worker_settings(config: Config) -> WorkerSettings:
         max_enqueue_per_sweep=_number(sch, "max_enqueue_per_sweep", sw,
                                       d.max_enqueue_per_sweep, integer=True, minimum=1),
         max_backlog=_number(sch, "max_backlog", sw, d.max_backlog, integer=True, minimum=1),
+        poll_batch=_number(sch, "poll_batch", sw, d.poll_batch, integer=True, minimum=1),
+        poll_batch_handoff_s=_number(sch, "poll_batch_handoff_s", sw, d.poll_batch_handoff_s,
+                                     minimum=0.1),
         host_busy_retry_s=_number(sch, "host_busy_retry_s", sw, d.host_busy_retry_s,
                                   minimum=0.1),
         host_busy_max_retries=_number(sch, "host_busy_max_retries", sw,
@@ -175,6 +187,11 @@ def parse_worker_settings(config: Config) -> WorkerSettings:
             f"{sw}: need task_soft_time_limit_s < task_time_limit_s < visibility_timeout_s, got "
             f"{schedule.task_soft_time_limit_s} / {schedule.task_time_limit_s} / "
             f"{schedule.visibility_timeout_s} (a running poll must never be redelivered)")
+    if not schedule.poll_batch_handoff_s < schedule.task_soft_time_limit_s / 2:
+        raise ConfigError(
+            f"{sw}: poll_batch_handoff_s ({schedule.poll_batch_handoff_s:g}) must be under half "
+            f"of task_soft_time_limit_s ({schedule.task_soft_time_limit_s}): a batch's last poll "
+            "starts that late and needs the rest of the limit")
 
     hosts_raw = raw.get("hosts", [])
     if not isinstance(hosts_raw, list):
@@ -328,15 +345,36 @@ def backlog(client: Any, queue: str = POLL_QUEUE) -> int:
     return int(client.llen(queue))
 
 
-def sweep(client: Any, config: Config, settings: ScheduleConfig, *,
-          enqueue: Callable[[str], None], now: int | None = None,
-          rng: random.Random | None = None, queue: str = POLL_QUEUE) -> SweepResult:
-    """Claim every due account and ``enqueue`` it once; safe to run concurrently.
+def batch_size(claimed: int, most: int) -> int:
+    """Accounts per poll task for a round of ``claimed``: up to ``most``, but never so many
+    that the round makes fewer than :data:`MIN_TASKS_PER_ROUND` tasks."""
+    return max(1, min(most, claimed // MIN_TASKS_PER_ROUND))
 
-    ``enqueue(account_id)`` sends the poll task. If it raises, the claim is undone (the
-    account's old due time is restored, unless another sweep moved it meanwhile), so a broker
-    outage delays nothing beyond the next sweep.
+
+def sweep(client: Any, config: Config, settings: ScheduleConfig, *,
+          enqueue: Callable[[str], None] | None = None,
+          enqueue_batch: Callable[[list[str]], None] | None = None,
+          now: int | None = None, rng: random.Random | None = None,
+          queue: str = POLL_QUEUE) -> SweepResult:
+    """Claim every due account and enqueue it once; safe to run concurrently.
+
+    ``enqueue(account_id)`` sends a poll task for one account; ``enqueue_batch(ids)`` (used
+    instead when given) one task for several (:func:`batch_size`, ``settings.poll_batch``).
+    If it raises, the claims of those accounts and the rest of the round are undone (each
+    account's old due time is restored, unless another sweep moved it meanwhile), so a
+    broker outage delays nothing beyond the next sweep.
     """
+    if enqueue_batch is not None:
+        send, most = enqueue_batch, settings.poll_batch
+    elif enqueue is not None:
+        one = enqueue
+
+        def send(ids: list[str]) -> None:
+            one(ids[0])
+
+        most = 1
+    else:
+        raise TypeError("sweep() needs enqueue or enqueue_batch")
     started = time.monotonic()
     result = SweepResult()
     accounts = {a.id: a for a in config.accounts}
@@ -371,20 +409,23 @@ def sweep(client: Any, config: Config, settings: ScheduleConfig, *,
             args += [account_id, int(score), new]
         won = [_text(m) for m in claim(keys=[key], args=args)] if args else []
         result.lost_races += len(planned) - len(won)
-        for account_id in won:
+        size = batch_size(len(won), most)
+        for start in range(0, len(won), size):
+            chunk = won[start:start + size]
             if not result.enqueue_failed:
                 try:
-                    enqueue(account_id)
+                    send(chunk)
                 except Exception as exc:
                     log.error("sweep: could not enqueue account_id=%s (%s); returning the "
-                              "rest of this batch to the schedule", account_id,
+                              "rest of this batch to the schedule", ",".join(chunk),
                               type(exc).__name__)
                 else:
-                    result.claimed.append(account_id)
+                    result.claimed += chunk
                     continue
-            old, new = planned[account_id]  # the broker is down: undo, don't keep trying
-            unclaim(keys=[key], args=[account_id, new, old])
-            result.enqueue_failed += 1
+            for account_id in chunk:  # the broker is down: undo, don't keep trying
+                old, new = planned[account_id]
+                unclaim(keys=[key], args=[account_id, new, old])
+                result.enqueue_failed += 1
         room -= len(won)
         if len(rows) < SWEEP_BATCH or result.enqueue_failed:
             break

@@ -8,18 +8,32 @@ Task arguments are account ids only, never message bytes or secrets. A poll task
 4. polls under a heartbeat that renews lock and slot;
 5. records the outcome in the account's health record, sets its next due time (interval,
    backoff, LOGIN-DELAY or soon when messages are pending), pauses it on an auth failure.
+
+A batch task (``popvault.poll_accounts``, what the sweep sends when many accounts are due)
+does the same for each of its accounts in turn. After ``poll_batch_handoff_s`` it sends the
+rest back to the queue as a new batch; an account whose host is busy gets a task of its own,
+which retries as above.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from ingest.errors import AuthError, ConfigError, PopvaultError
 from workers import health, metrics
-from workers.app import POLL_TASK, RETENTION_TASK, SWEEP_TASK, Runtime, app, runtime
+from workers.app import (
+    POLL_BATCH_TASK,
+    POLL_TASK,
+    RETENTION_TASK,
+    SWEEP_TASK,
+    Runtime,
+    app,
+    runtime,
+)
 from workers.limits import HostSlot, busy_retry_s
 from workers.locks import AccountLock, Heartbeat
 from workers.schedule import POLL_QUEUE, next_poll, now_ms
@@ -48,12 +62,17 @@ def sweep() -> dict[str, Any]:
     config = rt.config()
     intervals = {a.id: a.interval_s for a in config.accounts}
 
-    def enqueue(account_id: str) -> None:
+    def enqueue_batch(account_ids: list[str]) -> None:
         # A task still queued after one interval is superseded by the next claim.
-        poll_account_task.apply_async(args=(account_id,), queue=POLL_QUEUE,
-                                      expires=max(30, intervals.get(account_id, 300)))
+        expires = max(30, min(intervals.get(a, 300) for a in account_ids))
+        if len(account_ids) == 1:
+            poll_account_task.apply_async(args=(account_ids[0],), queue=POLL_QUEUE,
+                                          expires=expires)
+        else:
+            poll_accounts_task.apply_async(args=(account_ids,), queue=POLL_QUEUE,
+                                           expires=expires)
 
-    result = run_sweep(rt.redis(), config, rt.settings.schedule, enqueue=enqueue)
+    result = run_sweep(rt.redis(), config, rt.settings.schedule, enqueue_batch=enqueue_batch)
     metrics.count_claimed(len(result.claimed))
     log.info("sweep configured=%d claimed=%d lost_races=%d seeded=%d resumed=%d backlog=%d "
              "duration_s=%.3f", result.configured, len(result.claimed), result.lost_races,
@@ -85,6 +104,36 @@ def poll_account_task(self: Any, account_id: str) -> dict[str, Any]:
         log.info("account_id=%s host still busy after %d retries; waiting for its next due "
                  "time", account_id, self.request.retries)
     return outcome
+
+
+@app.task(bind=True, name=POLL_BATCH_TASK)
+def poll_accounts_task(self: Any, account_ids: list[str]) -> dict[str, Any]:
+    """Poll several accounts in turn (see the module docstring); returns counts by status."""
+    rt = runtime()
+    s = rt.settings.schedule
+    started = time.monotonic()
+    counts: dict[str, int] = {}
+    for index, account_id in enumerate(account_ids):
+        if index and time.monotonic() - started > s.poll_batch_handoff_s:
+            rest = account_ids[index:]
+            log.info("batch task_id=%s handing %d accounts back to the queue after %.1fs",
+                     self.request.id, len(rest), time.monotonic() - started)
+            poll_accounts_task.apply_async(args=(rest,), queue=POLL_QUEUE)
+            counts["handed_off"] = len(rest)
+            break
+        outcome = poll_once(rt, account_id, task_id=self.request.id)
+        status = str(outcome["status"])
+        counts[status] = counts.get(status, 0) + 1
+        if status == "host_busy":  # its own task waits for a slot, with the usual retries
+            poll_account_task.apply_async(args=(account_id,), queue=POLL_QUEUE,
+                                          countdown=busy_retry_s(s.host_busy_retry_s))
+        elif outcome.get("timed_out"):  # the soft limit struck: the hard one is near
+            rest = account_ids[index + 1:]
+            if rest:
+                poll_accounts_task.apply_async(args=(rest,), queue=POLL_QUEUE)
+                counts["handed_off"] = len(rest)
+            break
+    return {"task_id": self.request.id, "accounts": len(account_ids), **counts}
 
 
 def poll_once(rt: Runtime, account_id: str, *, task_id: str | None = None) -> dict[str, Any]:
@@ -189,4 +238,5 @@ def _finish(rt: Runtime, account_id: str, report: Any, failures_before: int,
                  report.new, report.joined, report.deleted, report.failed,
                  report.bytes_fetched, report.duration_s, plan.delay_s, plan.reason,
                  extra=fields)
-    return {**ctx, "status": "polled", "ok": report.ok, "report": data, "outcome": outcome}
+    return {**ctx, "status": "polled", "ok": report.ok, "report": data, "outcome": outcome,
+            "timed_out": isinstance(error, PollTimeout)}

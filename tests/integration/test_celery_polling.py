@@ -309,7 +309,10 @@ def test_many_accounts_polled_once_each_failures_isolated(env: Env) -> None:
     closed = env.mailbox()
     accounts.append({**env.account(closed), "id": "closed-port", "port": 1,
                      "connect_timeout_s": 5.0})
-    env.write_config(accounts, hosts=[{"host": "localhost", "max_connections": 3}])
+    # Batches of 3 (52 due // 16 tasks per round); a batch hands its rest back after 0.1 s,
+    # which the first poll with mail in each process (it starts the parser) always exceeds.
+    env.write_config(accounts, hosts=[{"host": "localhost", "max_connections": 3}],
+                     schedule={"poll_batch": 16, "poll_batch_handoff_s": 0.1})
     env.start_worker("w1", concurrency=4)
 
     good = [b.username for b in env.boxes[:50]]
@@ -346,8 +349,12 @@ def test_many_accounts_polled_once_each_failures_isolated(env: Env) -> None:
     assert env.redis.zscore("popvault:due", bad_pw.username) == float("inf")
     # Host limit honoured: the semaphore turned tasks away at least sometimes, never broke.
     busy = sum(r["host_busy"] for r in data["accounts"])
+    log = (env.logs / "worker-w1.log").read_text(errors="replace")
+    assert "popvault.poll_accounts" in log, "no batch task ran"
+    handoffs = log.count("back to the queue after")
+    assert handoffs >= 1, "no batch handed its remaining accounts on"
     print(f"\n50 accounts / {total} messages archived in {elapsed:.1f}s with 4 processes; "
-          f"host-busy retries {busy}")
+          f"host-busy retries {busy}, batch hand-offs {handoffs}")
 
 
 @pytest.mark.timeout(420)

@@ -347,3 +347,40 @@ def test_reschedule_never_unpauses(r: redis.Redis) -> None:
     health.pause(r, "acc", health.OPERATOR, now_ms=now_ms())
     health.reschedule(r, "acc", 5)
     assert r.zscore(keys.due(), "acc") == float("inf")
+
+
+def test_batched_sweep_sends_each_due_account_once_in_bounded_batches(r: redis.Redis) -> None:
+    config = _accounts_config(1000)
+    batches: list[list[str]] = []
+    result = sweep(r, config, NOW_SPREAD, enqueue_batch=batches.append)
+    sent = [a for b in batches for a in b]
+    assert sorted(sent) == sorted(a.id for a in config.accounts) == sorted(result.claimed)
+    assert max(len(b) for b in batches) == NOW_SPREAD.poll_batch
+    # two claim rounds of 500: each spread over at least 16 tasks
+    assert len(batches) >= 2 * 500 // NOW_SPREAD.poll_batch
+    assert sweep(r, config, NOW_SPREAD, enqueue_batch=batches.append).claimed == []
+
+    few = _accounts_config(5)
+    r.flushdb()
+    small: list[list[str]] = []
+    sweep(r, few, NOW_SPREAD, enqueue_batch=small.append)
+    assert small == [[a.id] for a in few.accounts] or sorted(len(b) for b in small) == [1] * 5
+
+
+def test_failed_batch_enqueue_restores_every_due_time_of_the_round(r: redis.Redis) -> None:
+    config = _accounts_config(40)
+    r.zadd(keys.due(), {a.id: 1000 + i for i, a in enumerate(config.accounts)})
+    calls: list[list[str]] = []
+
+    def broken(account_ids: list[str]) -> None:
+        calls.append(account_ids)
+        if len(calls) > 1:
+            raise ConnectionError("broker down")
+
+    result = sweep(r, config, NOW_SPREAD, enqueue_batch=broken)
+    assert len(calls) == 2  # the first batch went out, the second failed, no third try
+    assert sorted(result.claimed) == sorted(calls[0])
+    assert result.enqueue_failed == 40 - len(calls[0])
+    for i, account in enumerate(config.accounts):
+        if account.id not in calls[0]:
+            assert r.zscore(keys.due(), account.id) == 1000 + i  # due again next sweep

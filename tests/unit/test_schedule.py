@@ -14,7 +14,9 @@ from workers import keys
 from workers.health import settings_hash
 from workers.limits import MAX_BACKOFF_S, backoff_s
 from workers.schedule import (
+    MIN_TASKS_PER_ROUND,
     ScheduleConfig,
+    batch_size,
     first_due_ms,
     jittered_interval_ms,
     next_poll,
@@ -61,6 +63,9 @@ def test_schedule_table_is_read() -> None:
     ({"hosts": [{"host": "h"}, {"host": "H"}]}, "appears twice"),
     ({"hosts": [{"host": "h", "max_conn": 3}]}, "unknown key 'max_conn'"),
     ({"metrics": {"port": 70000}}, "1-65535"),
+    ({"schedule": {"poll_batch": 0}}, "at least 1"),
+    ({"schedule": {"poll_batch_handoff_s": 60, "task_soft_time_limit_s": 100,
+                   "task_time_limit_s": 200}}, "poll_batch_handoff_s"),
 ])
 def test_bad_settings_name_the_key(table: dict[str, Any], words: str) -> None:
     from ingest.errors import ConfigError
@@ -137,3 +142,16 @@ def test_settings_hash_tracks_connection_settings_only() -> None:
     assert settings_hash(base) != settings_hash(_config(username="v").accounts[0])
     assert settings_hash(base) != settings_hash(_config(password_env="PW2").accounts[0])
     assert settings_hash(base) == settings_hash(_config(interval_s=60).accounts[0])
+
+
+@pytest.mark.parametrize("claimed, most, expected", [
+    (0, 16, 1), (1, 16, 1), (MIN_TASKS_PER_ROUND, 16, 1), (MIN_TASKS_PER_ROUND + 1, 16, 1), (2 * MIN_TASKS_PER_ROUND, 16, 2),
+    (300, 16, 16), (500, 16, 16), (500, 1, 1), (100, 4, 4),
+])
+def test_batches_are_bounded_and_a_round_makes_enough_tasks(claimed: int, most: int,
+                                                            expected: int) -> None:
+    size = batch_size(claimed, most)
+    assert size == expected
+    if claimed:
+        tasks = -(-claimed // size)
+        assert tasks >= min(claimed, MIN_TASKS_PER_ROUND) or size == most
