@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -136,6 +136,21 @@ def reschedule(client: Any, account_id: str, due_ms: int, *, pipeline: Any = Non
     script(keys=[keys.due(), keys.paused()], args=[account_id, due_ms], client=pipeline)
 
 
+def begin_poll(client: Any, account_id: str, lock: Any) -> tuple[bool, int]:
+    """One round trip before a poll: is the account paused, take ``lock`` (an
+    :class:`~workers.locks.AccountLock`), read its failure count. Returns ``(paused, failures)``;
+    ``lock.held`` says whether the lock was taken. A paused account's lock is given back."""
+    pipe = client.pipeline(transaction=False)
+    pipe.sismember(keys.paused(), account_id)
+    pipe.set(lock.key, lock.token, nx=True, px=lock.ttl_ms)
+    pipe.hget(keys.health(account_id), "consecutive_failures")
+    paused, taken, failures = pipe.execute()
+    lock.held = bool(taken)
+    if paused and lock.held:
+        lock.release()
+    return bool(paused), int(failures or 0)
+
+
 def record_started(client: Any, account_id: str, *, task_id: str | None, now_ms: int) -> None:
     client.hset(keys.health(account_id), mapping={"last_poll_started": iso_ms(now_ms),
                                                   "last_task_id": task_id or ""})
@@ -148,8 +163,12 @@ def count_skip(client: Any, account_id: str, reason: str) -> None:
 
 
 def record_poll(client: Any, account_id: str, report: dict[str, Any], *, now_ms: int,
-                next_due_ms: int, failed: bool, flagged: bool) -> int:
-    """Store one poll's outcome and next due time atomically; returns the failure count."""
+                next_due_ms: int, failed: bool, flagged: bool,
+                also: Callable[[Any], None] | None = None) -> int:
+    """Store one poll's outcome and next due time atomically; returns the failure count.
+
+    ``also(pipeline)`` may add commands to the same transaction (the poll task releases its
+    host slot and account lock there: one round trip for all of it)."""
     key = keys.health(account_id)
     counts = {k: v for k, v in report.items() if k not in ("error", "message_errors")}
     counts["message_errors"] = list(report.get("message_errors", []))[:5]
@@ -175,7 +194,10 @@ def record_poll(client: Any, account_id: str, report: dict[str, Any], *, now_ms:
     pipe.hincrby(key, "messages_archived", archived)
     pipe.hincrby(key, "bytes_fetched", int(report.get("bytes_fetched", 0)))
     pipe.hset(key, mapping=mapping)
-    reschedule(client, account_id, next_due_ms, pipeline=pipe)
+    # EVAL, not a registered script: a script in a pipeline costs a SCRIPT EXISTS round trip.
+    pipe.eval(_RESCHEDULE, 2, keys.due(), keys.paused(), account_id, next_due_ms)
+    if also is not None:
+        also(pipe)
     pipe.hget(key, "consecutive_failures")
     *_, failures = pipe.execute()
     return int(failures or 0)

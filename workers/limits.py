@@ -82,6 +82,11 @@ class HostSlot:
         self.client.zrem(self.key, self.token)
         self.held = False
 
+    def release_in(self, pipe: Any) -> None:
+        """Queue the release on ``pipe`` (a pipeline the caller executes; it
+        clears ``held`` once that succeeded)."""
+        pipe.zrem(self.key, self.token)
+
 
 def in_use(client: Any, host: str) -> int:
     """Live leases of ``host`` (expired ones are not counted)."""

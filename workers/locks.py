@@ -79,6 +79,11 @@ class AccountLock:
         self.held = False
         return was_ours
 
+    def release_in(self, pipe: Any) -> None:
+        """Queue the token-checked release on ``pipe`` (a pipeline the caller executes; it
+        clears ``held`` once that succeeded)."""
+        pipe.eval(_RELEASE, 1, self.key, self.token)
+
     def holder(self) -> str | None:
         """The token of whoever holds the lock now (for status and tests)."""
         value = self.client.get(self.key)

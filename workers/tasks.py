@@ -152,35 +152,36 @@ def poll_once(rt: Runtime, account_id: str, *, task_id: str | None = None) -> di
         log.warning("account_id=%s is not configured (any more); task dropped", account_id,
                     extra=ctx)
         return {**ctx, "status": "skipped", "reason": "unknown_account"}
-    if health.is_paused(client, account_id):
-        return {**ctx, "status": "skipped", "reason": "paused"}
     ttl_ms = int(s.lock_ttl_s * 1000)
     lock = AccountLock(client, account_id, ttl_ms=ttl_ms)
-    if not lock.acquire():
+    paused, failures_before = health.begin_poll(client, account_id, lock)
+    if paused:
+        return {**ctx, "status": "skipped", "reason": "paused"}
+    if not lock.held:
         health.count_skip(client, account_id, "locked")
         metrics.count_skip("locked")
         log.info("account_id=%s task_id=%s skipped: locked by %s", account_id, task_id,
                  lock.holder(), extra=ctx)
         return {**ctx, "status": "skipped", "reason": "locked"}
+    slot = HostSlot(client, account.host, rt.settings.max_connections(account.host),
+                    lease_ms=ttl_ms, token=lock.token)
     try:
-        slot = HostSlot(client, account.host, rt.settings.max_connections(account.host),
-                        lease_ms=ttl_ms, token=lock.token)
         if not slot.acquire():
             health.count_skip(client, account_id, "host_busy")
             metrics.count_skip("host_busy")
             log.info("account_id=%s task_id=%s host %s has no free connection slot",
                      account_id, task_id, account.host, extra=ctx)
             return {**ctx, "status": "host_busy"}
-        failures_before = health.failures(client, account_id)
-        try:
-            with Heartbeat([lock, slot], s.lock_ttl_s / 3):
-                health.record_started(client, account_id, task_id=task_id, now_ms=now_ms())
-                report = _poll(rt, account_id)
-        finally:
-            slot.release()
-        return _finish(rt, account_id, report, failures_before, ctx)
+        with Heartbeat([lock, slot], s.lock_ttl_s / 3):
+            health.record_started(client, account_id, task_id=task_id, now_ms=now_ms())
+            report = _poll(rt, account_id)
+        # The outcome, the slot and the lock go back in one transaction.
+        return _finish(rt, account_id, report, failures_before, ctx, release=(slot, lock))
     finally:
-        lock.release()
+        if slot.held:
+            slot.release()
+        if lock.held:
+            lock.release()
 
 
 def _poll(rt: Runtime, account_id: str) -> Any:
@@ -208,7 +209,7 @@ def _poll(rt: Runtime, account_id: str) -> Any:
 
 
 def _finish(rt: Runtime, account_id: str, report: Any, failures_before: int,
-            ctx: dict[str, Any]) -> dict[str, Any]:
+            ctx: dict[str, Any], *, release: tuple[HostSlot, AccountLock]) -> dict[str, Any]:
     client = rt.redis()
     account = rt.config().account(account_id)
     error: PopvaultError | None = report.error
@@ -216,9 +217,20 @@ def _finish(rt: Runtime, account_id: str, report: Any, failures_before: int,
                      rt.settings.schedule)
     now = now_ms()
     data = report.to_dict()
+    slot, lock = release
+
+    def release_both(pipe: Any) -> None:
+        slot.release_in(pipe)
+        lock.release_in(pipe)
+
+    # An auth failure keeps the lock until the account is paused (below).
+    early = not isinstance(error, AuthError)
     failures = health.record_poll(client, account_id, data, now_ms=now,
                                   next_due_ms=now + int(plan.delay_s * 1000),
-                                  failed=plan.failed, flagged=bool(report.flags))
+                                  failed=plan.failed, flagged=bool(report.flags),
+                                  also=release_both if early else None)
+    if early:
+        slot.held = lock.held = False
     if isinstance(error, AuthError):
         health.pause(client, account_id, health.AUTH_FAILED, now_ms=now, account=account)
     outcome = "failed" if plan.failed else ("flagged" if report.flags else "ok")

@@ -384,3 +384,40 @@ def test_failed_batch_enqueue_restores_every_due_time_of_the_round(r: redis.Redi
     for i, account in enumerate(config.accounts):
         if account.id not in calls[0]:
             assert r.zscore(keys.due(), account.id) == 1000 + i  # due again next sweep
+
+
+def test_begin_poll_takes_the_lock_and_reads_state_in_one_go(r: redis.Redis) -> None:
+    lock = AccountLock(r, "acc1", ttl_ms=5000)
+    r.hset(keys.health("acc1"), "consecutive_failures", 3)
+    assert health.begin_poll(r, "acc1", lock) == (False, 3) and lock.held
+    other = AccountLock(r, "acc1", ttl_ms=5000)
+    assert health.begin_poll(r, "acc1", other) == (False, 3) and not other.held
+    assert lock.holder() == lock.token
+
+    health.pause(r, "acc2", health.OPERATOR, now_ms=now_ms())
+    paused = AccountLock(r, "acc2", ttl_ms=5000)
+    assert health.begin_poll(r, "acc2", paused)[0] is True
+    assert paused.holder() is None  # a paused account's lock is given back at once
+
+
+def test_poll_outcome_slot_and_lock_are_released_in_one_transaction(r: redis.Redis) -> None:
+    lock = AccountLock(r, "acc1", ttl_ms=5000)
+    assert lock.acquire()
+    slot = HostSlot(r, "pop.example.com", 2, lease_ms=5000, token=lock.token)
+    assert slot.acquire() and in_use(r, "pop.example.com") == 1
+    theirs = AccountLock(r, "acc9", ttl_ms=5000)
+    assert theirs.acquire()
+    stale = AccountLock(r, "acc9", ttl_ms=5000)  # e.g. a lock that expired and changed hands
+
+    def release(pipe: Any) -> None:
+        slot.release_in(pipe)
+        lock.release_in(pipe)
+        stale.release_in(pipe)  # the token check leaves the new holder's lock alone
+
+    failures = health.record_poll(r, "acc1", {"new": 2}, now_ms=now_ms(), next_due_ms=42,
+                                  failed=False, flagged=False, also=release)
+    assert failures == 0
+    assert lock.holder() is None and in_use(r, "pop.example.com") == 0
+    assert r.zscore(keys.due(), "acc1") == 42
+    assert health.read_all(r, ["acc1"])["acc1"]["messages_archived"] == 2
+    assert theirs.holder() == theirs.token

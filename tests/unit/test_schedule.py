@@ -145,7 +145,8 @@ def test_settings_hash_tracks_connection_settings_only() -> None:
 
 
 @pytest.mark.parametrize("claimed, most, expected", [
-    (0, 16, 1), (1, 16, 1), (MIN_TASKS_PER_ROUND, 16, 1), (MIN_TASKS_PER_ROUND + 1, 16, 1), (2 * MIN_TASKS_PER_ROUND, 16, 2),
+    (0, 16, 1), (1, 16, 1), (MIN_TASKS_PER_ROUND, 16, 1), (MIN_TASKS_PER_ROUND + 1, 16, 1),
+    (2 * MIN_TASKS_PER_ROUND, 16, 2),
     (300, 16, 16), (500, 16, 16), (500, 1, 1), (100, 4, 4),
 ])
 def test_batches_are_bounded_and_a_round_makes_enough_tasks(claimed: int, most: int,
