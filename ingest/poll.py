@@ -193,10 +193,14 @@ class AccountPoller:
         try:
             self.report.sessions += 1
             self._login_delay_s = session.capabilities.login_delay_s or 0
-            sizes = session.list_sizes()
-            uidls = self._uidls(session, sizes)
-            self.report.server_messages = len(sizes)
-            to_fetch, ambiguous, receipts = self._plan(uidls, sizes)
+            listing = _Listing(session)
+            uidls = self._uidls(session, listing)
+            self.report.server_messages = len(uidls)
+            to_fetch, ambiguous, receipts = self._plan(uidls)
+            # LIST only when something is to be fetched: an idle check is UIDL alone.
+            sizes = listing.sizes() if to_fetch else {}
+            if to_fetch:
+                self._check_listing(uidls, sizes)
             capped, more = self._cap(to_fetch, sizes)
             delivered = self._fetch_and_index(session, capped, uidls, sizes, ambiguous,
                                               receipts)
@@ -222,17 +226,17 @@ class AccountPoller:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def _uidls(self, session: Pop3Session, sizes: dict[int, int]) -> dict[int, str]:
+    def _uidls(self, session: Pop3Session, listing: _Listing) -> dict[int, str]:
         """UIDLs by message number; with the content fallback, each message is its own UIDL."""
         fallback = self.account.uidl_fallback == "content"
         uidls = None
         if session.capabilities.uidl is not False or not fallback:
             uidls = session.uidl(tolerate_missing=fallback)
         if uidls is None:
-            return {n: f"#content-{n}" for n in sizes}
+            return {n: f"#content-{n}" for n in listing.sizes()}
         return uidls
 
-    def _plan(self, uidls: dict[int, str], sizes: dict[int, int]
+    def _plan(self, uidls: dict[int, str]
               ) -> tuple[list[int], set[int], dict[str, Receipt]]:
         """Which message numbers to fetch (UIDL-reset probing happens once keys are known)."""
         counts: dict[str, int] = {}
@@ -245,11 +249,13 @@ class AccountPoller:
         receipts = self.sink.get_receipts(self.account.id, trusted) if trusted else {}
         new = sorted(n for n, u in uidls.items() if n in ambiguous or u not in receipts)
         self.report.already_archived = len(uidls) - len(new)
+        return new, ambiguous, receipts
+
+    def _check_listing(self, uidls: dict[int, str], sizes: dict[int, int]) -> None:
         missing = [n for n in uidls if n not in sizes]
         if missing:
             raise ProtocolError(f"UIDL lists message {missing[0]} that LIST does not",
                                 account_id=self.account.id)
-        return new, ambiguous, receipts
 
     def _cap(self, numbers: list[int], sizes: dict[int, int]) -> tuple[list[int], bool]:
         acc = self.account
@@ -394,6 +400,19 @@ class AccountPoller:
                 continue
             dele.add(n)
         return dele
+
+
+class _Listing:
+    """LIST of one session, sent at most once and only when asked for."""
+
+    def __init__(self, session: Pop3Session) -> None:
+        self._session = session
+        self._sizes: dict[int, int] | None = None
+
+    def sizes(self) -> dict[int, int]:
+        if self._sizes is None:
+            self._sizes = self._session.list_sizes()
+        return self._sizes
 
 
 def _short_read(retrieval: Retrieval) -> Callable[[], object]:

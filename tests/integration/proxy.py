@@ -20,6 +20,7 @@ class CuttableProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self.bytes_up = 0
+        self.upstream = bytearray()  # what clients sent, for tests that check the commands
         self._stop = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
@@ -55,6 +56,8 @@ class CuttableProxy:
                     break
                 if up:
                     self.bytes_up += len(data)
+                    with self._lock:
+                        self.upstream += data
                 dst.sendall(data)
         except OSError:
             pass

@@ -322,3 +322,31 @@ def test_classification_rules_come_from_the_config(mailbox_factory: Any, write_c
     assert done.returncode == 3, done.stderr
     assert str(bad) in done.stderr and "auto_reply_subject" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_idle_poll_sends_uidl_but_no_list(mailbox_factory: Any, stack: Any,
+                                            write_config: Any, es_prefix: str) -> None:
+    """Fewer round trips: LIST (sizes) is asked for only when there is something to fetch.
+    Plaintext with APOP, through a recording proxy, so the commands can be read."""
+    from tests.integration.proxy import CuttableProxy
+
+    box = mailbox_factory()
+    box.deliver_many(corpus.generate_mail(seed=11, n=3))
+    proxy = CuttableProxy("127.0.0.1", stack.pop3_port)
+    try:
+        acc = box.account_config(security="none", host="127.0.0.1", port=proxy.port,
+                                 auth="apop")
+        config = write_config(accounts=[acc], es_prefix=es_prefix)
+        first = run_cli("poll", "--json", config=config)
+        assert first.returncode == 0, first.stderr
+        sent = bytes(proxy.upstream).upper()
+        assert b"\r\nLIST\r\n" in sent and b"RETR " in sent
+        proxy.upstream.clear()
+        again = run_cli("poll", "--json", config=config)
+        assert again.returncode == 0, again.stderr
+        sent = bytes(proxy.upstream).upper()
+        assert b"UIDL\r\n" in sent and b"QUIT\r\n" in sent
+        assert b"LIST" not in sent and b"RETR" not in sent
+        assert json.loads(again.stdout)["accounts"][0]["server_messages"] == 3
+    finally:
+        proxy.close()
