@@ -55,7 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 PASSWORD_ENV = "BENCH_POP_PASSWORD"
 WORKER_READY_TIMEOUT_S = 60
 SAMPLE_INTERVAL_S = 0.05
-CHECK_INTERVAL_S = 0.1
+CHECK_INTERVAL_S = 0.25
+"""Completion checks ask only about accounts not yet seen done: checking all 1,000 every 0.1 s
+cost the machine a tenth of a core that the naive loop (not watched) did not pay."""
 SWEEP_EVERY_S = 2.0
 LOG_ROOT = Path(os.environ.get("POPVAULT_BENCH_LOG_DIR", "/tmp/popvault-bench-logs"))
 
@@ -223,6 +225,7 @@ class Bench:
         client = Celery("popvault-bench", broker=self.broker_url)
         client.conf.update(task_serializer="json", accept_content=["json"])
         keys = [f"popvault:health:{n}" for n in names]
+        pending = list(keys)
         timed_out = False
         first_s: float | None = None
         try:
@@ -232,13 +235,14 @@ class Bench:
                 last_sweep = t0
                 while True:
                     pipe = self.r.pipeline(transaction=False)
-                    for k in keys:
+                    for k in pending:
                         pipe.hexists(k, "last_poll_ended")
                     ended = pipe.execute()
                     now = time.monotonic()
                     if first_s is None and any(ended):
                         first_s = now - t0
-                    if all(ended):
+                    pending = [k for k, e in zip(pending, ended, strict=True) if not e]
+                    if not pending:
                         break
                     if now - t0 > timeout_s:
                         timed_out = True
