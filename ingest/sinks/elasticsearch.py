@@ -532,13 +532,21 @@ class ElasticsearchSink:
     def ensure_schema(self) -> None:
         """Install templates, the receipts index and alias, and the undated messages index.
 
-        Idempotent: templates are PUT (replaced) every time; indices are created only if
-        missing. Creating ``-undated`` up front means the read alias exists from the start, so
-        search and count work on an empty archive. Monthly indices created before the template
-        existed are added to the alias too.
+        Idempotent: indices are created only if missing. Creating ``-undated`` up front means
+        the read alias exists from the start, so search and count work on an empty archive.
+        Monthly indices created before the template existed are added to the alias too.
+
+        Cheap when nothing changed: the last step marks both templates with a hash of what
+        was installed (``_meta.popvault_installed``), and a call that finds that mark and both
+        aliases changes nothing (two reads instead of half a dozen cluster-state updates,
+        which every worker process and every ``poll`` used to pay).
         """
         messages, receipts = self._template_bodies()
         n = self.names
+        mark = _install_mark(messages, receipts)
+        if self._schema_marked(mark):
+            self._ready = True
+            return
         self._call("installing index template " + n.messages_template,
                    lambda: self._client.indices.put_index_template(
                        name=n.messages_template, **messages))
@@ -560,7 +568,27 @@ class ElasticsearchSink:
                                                           name=n.messages_alias))
         self._upgrade_mappings(n.messages_pattern, messages)
         self._upgrade_mappings(n.receipts_alias, receipts)
+        for name, body in ((n.messages_template, messages), (n.receipts_template, receipts)):
+            marked = {**body, "_meta": {**body.get("_meta", {}), INSTALL_MARK: mark}}
+            self._call("marking index template " + name,
+                       lambda name=name, marked=marked:  # type: ignore[misc]
+                       self._client.indices.put_index_template(name=name, **marked))
         self._ready = True
+
+    def _schema_marked(self, mark: str) -> bool:
+        """Do both templates carry ``mark`` and both aliases exist? (False on any doubt.)"""
+        n = self.names
+        try:
+            for name in (n.messages_template, n.receipts_template):
+                found = self._client.indices.get_index_template(name=name)
+                metas = [(t.get("index_template", {}).get("_meta") or {})
+                         for t in found.get("index_templates", []) if t.get("name") == name]
+                if not metas or metas[0].get(INSTALL_MARK) != mark:
+                    return False
+            return all(bool(self._client.indices.exists_alias(name=alias))
+                       for alias in (n.messages_alias, n.receipts_alias))
+        except Exception:  # missing, unreachable, refused: the full install then says which
+            return False
 
     def _upgrade_mappings(self, target: str, template: dict[str, Any]) -> None:
         """Push the template's mapping onto indices that already exist.
@@ -1025,3 +1053,15 @@ class ElasticsearchSink:
 
     def close(self) -> None:
         self._client.close()
+
+
+INSTALL_MARK = "popvault_installed"
+"""Template ``_meta`` key set once a full :meth:`ElasticsearchSink.ensure_schema` completed."""
+
+
+def _install_mark(messages: dict[str, Any], receipts: dict[str, Any]) -> str:
+    """A short hash of both template bodies: a new popvault version or prefix changes it."""
+    import hashlib
+
+    text = json.dumps([messages, receipts], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

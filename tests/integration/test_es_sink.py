@@ -602,3 +602,20 @@ def test_bulk_requests_respect_the_byte_limit() -> None:
 )
 def test_classify(status: int, error: dict[str, Any] | None, verdict: Verdict) -> None:
     assert classify(status, error) is verdict
+
+
+def test_ensure_schema_changes_nothing_when_already_installed(sink: ElasticsearchSink,
+                                                              es_client: Any) -> None:
+    """A second install finds its mark and both aliases: no cluster-state update at all
+    (every worker process and every poll calls it)."""
+    sink.ensure_schema()
+    # Let the new indices' shards start (those are cluster-state updates of their own).
+    es_client.cluster.health(wait_for_no_initializing_shards=True, wait_for_events="languid")
+    before = es_client.cluster.state(metric="version")["version"]
+    sink.ensure_schema()
+    assert es_client.cluster.state(metric="version")["version"] == before
+    # An alias removed behind its back is noticed, and the full install puts it back.
+    n = sink.names
+    es_client.indices.delete_alias(index="*", name=n.messages_alias)
+    sink.ensure_schema()
+    assert es_client.indices.exists_alias(name=n.messages_alias)
