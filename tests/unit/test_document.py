@@ -264,3 +264,50 @@ def test_generated_mail_is_human_and_random_attachments_are_flagged() -> None:
     expected = {n for n in names if n.endswith(("report.pdf", "data.csv"))}
     assert flagged == expected
     assert "attachment_text" not in pv
+
+
+def _address_values() -> list[str]:
+    """Every address header value of the test corpora, plus hand-made plain and near-plain
+    lists (the near-plain ones must go to the forensic parser)."""
+    import email
+    from email.policy import compat32
+
+    from ingest.document import ADDRESS_FIELDS
+
+    messages = [*corpus.generate_mail(seed=3, n=60), *corpus.special_cases(seed=3).values(),
+                *corpus.benchmark_mix(7, 40).messages,
+                *(p.read_bytes() for p in Path(__file__).parents[1].glob("corpora/**/*.eml"))]
+    values = []
+    for raw in messages:
+        try:
+            parsed = email.message_from_bytes(raw, policy=compat32)
+        except RecursionError:  # the nested-multipart bomb: its headers are elsewhere too
+            continue
+        for _field, header in ADDRESS_FIELDS:
+            values += [v for k, v in parsed.raw_items() if k.lower() == header]
+    values += [
+        "a@b.c", "<a@b.c>", "Bob <b@c.d>", "Bob  Smith\t<B@C.d>, x@y.z", " x <y@z.w> ,",
+        "A.B <a@b.c>", '"Quoted, Name" <q@n.x>', "=?utf-8?q?J=C3=B6rg?= <j@x.y>",
+        "a@b.c (comment)", "group: a@b.c, d@e.f;", "x@y.z,,a@b.c", "Bob <b@c.d> Smith",
+        "a@[127.0.0.1]", "Jörg <j@x.y>", "a.b.c@d-e.f.g, H <h@i.j>", ",", "",
+        "no address here", "<broken@", "a@b.c\r\n d@e.f",
+    ]
+    return values
+
+
+def test_plain_address_lists_parse_as_the_forensic_parser_does() -> None:
+    from mailparser.utils import get_addresses
+
+    from ingest.document import plain_address_pairs
+
+    fast = 0
+    for value in _address_values():
+        pairs = plain_address_pairs(value)
+        if pairs is None:
+            continue
+        fast += 1
+        assert pairs == list(get_addresses(value, decode_names=True)), value
+    assert fast >= 50  # the corpora's ordinary headers do take the fast path
+    assert plain_address_pairs('"Quoted, Name" <q@n.x>') is None
+    assert plain_address_pairs("=?utf-8?q?J=C3=B6rg?= <j@x.y>") is None
+    assert plain_address_pairs("a@b.c (comment)") is None
