@@ -123,12 +123,12 @@ def test_body_truncation() -> None:
 
 
 def test_parse_failure_still_yields_document(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mailparser
+    class Exploding:
+        @classmethod
+        def from_bytes(cls, raw: bytes) -> None:
+            raise RuntimeError("parser exploded\nwith a second line")
 
-    def explode(raw: bytes) -> None:
-        raise RuntimeError("parser exploded\nwith a second line")
-
-    monkeypatch.setattr(mailparser, "parse_from_bytes", explode)
+    monkeypatch.setattr(document, "_lean_parser", lambda: Exploding)
     raw = corpus.plain_text(seed=9)
     doc = build(raw)
     assert_valid(doc)
@@ -307,7 +307,30 @@ def test_plain_address_lists_parse_as_the_forensic_parser_does() -> None:
             continue
         fast += 1
         assert pairs == list(get_addresses(value, decode_names=True)), value
+        diagnostics: list[Any] = []
+        assert pairs == list(get_addresses(value, defects=diagnostics)), value
+        assert diagnostics == [], value  # so mail-parser's defects cannot differ either
     assert fast >= 50  # the corpora's ordinary headers do take the fast path
     assert plain_address_pairs('"Quoted, Name" <q@n.x>') is None
     assert plain_address_pairs("=?utf-8?q?J=C3=B6rg?= <j@x.y>") is None
     assert plain_address_pairs("a@b.c (comment)") is None
+
+
+def test_the_lean_parser_leaves_documents_as_mail_parser_makes_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same documents with popvault's lean MailParser (no summary dicts, plain addresses
+    fast) as with mail-parser's own, over every corpus; defects included."""
+    import mailparser
+    import mailparser.core
+
+    messages = [*corpus.generate_mail(seed=4, n=40), *corpus.special_cases(seed=4).values(),
+                *(p.read_bytes() for p in Path(__file__).parents[1].glob("corpora/**/*.eml"))]
+    ids = {"raw_sha256": "0" * 64, "message_key": "k", "first_archived": "2026-01-01T00:00:00Z"}
+    lean = [build_document(raw, **ids) for raw in messages]
+    assert getattr(mailparser.core.get_addresses, "popvault_fast_path", False)
+    monkeypatch.setattr(document, "_lean_parser", lambda: mailparser.MailParser)
+    monkeypatch.setattr(mailparser.core, "get_addresses",
+                        mailparser.core.get_addresses.forensic)
+    assert not getattr(mailparser.core.get_addresses, "popvault_fast_path", False)
+    plain = [build_document(raw, **ids) for raw in messages]
+    assert lean == plain
