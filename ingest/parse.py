@@ -233,6 +233,7 @@ class ParserPool:
         self._lock = threading.Lock()
         self._pending: deque[_Task] = deque()
         self._running = 0
+        self._signalled = False  # a wake-up byte was sent since the supervisor last looked
         self._children: list[_Child] = []
         self._start_failures = 0
         self._closing = False
@@ -308,7 +309,9 @@ class ParserPool:
             if self._closing or self._supervisor is None:
                 raise RuntimeError("ParserPool is not running (use it as a context manager)")
             self._pending.append(task)
-        self._wake()
+            signal_now, self._signalled = not self._signalled, True
+        if signal_now:  # else a wake-up is pending and the supervisor will see this task
+            self._wake()
         return future
 
     def parse(self, raw: bytes, **build_kwargs: Any) -> Document:
@@ -346,6 +349,8 @@ class ParserPool:
 
     def _supervise(self) -> None:
         while True:
+            with self._lock:  # from here on, every new submit sends a wake-up of its own
+                self._signalled = False
             now = time.monotonic()
             for index, child in enumerate(self._children):
                 self._children[index] = self._check_child(child, now)
