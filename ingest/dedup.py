@@ -62,14 +62,20 @@ def raw_sha256(raw: bytes) -> str:
 
 def split_message(raw: bytes) -> tuple[bytes, bytes]:
     """Split at the first blank line (CRLF or LF); no blank line means all headers, no body."""
+    header_end, body_start = _split_offsets(raw)
+    return raw[:header_end], raw[body_start:]
+
+
+def _split_offsets(raw: bytes) -> tuple[int, int]:
+    """Where :func:`split_message` cuts: (end of the header block, start of the body)."""
     if raw.startswith(b"\n"):
-        return b"", raw[1:]
+        return 0, 1
     if raw.startswith(b"\r\n"):
-        return b"", raw[2:]
+        return 0, 2
     match = _BLANK_LINE.search(raw)
     if match is None:
-        return raw, b""
-    return raw[: match.start()], raw[match.end() :]
+        return len(raw), len(raw)
+    return match.start(), match.end()
 
 
 def header_fields(header_block: bytes) -> list[tuple[bytes, bytes]]:
@@ -87,11 +93,13 @@ def header_fields(header_block: bytes) -> list[tuple[bytes, bytes]]:
 
 def content_fingerprint(raw: bytes) -> str:
     """SHA-256 hex over what every mailbox copy of a message shares (see the module rule)."""
-    return _fingerprint(*split_message(raw))[0]
+    return _fingerprint(raw)[0]
 
 
-def _fingerprint(header_block: bytes, body: bytes) -> tuple[str, bytes | None]:
+def _fingerprint(raw: bytes) -> tuple[str, bytes | None]:
     """The fingerprint and the first raw Message-ID value, from one scan of the headers."""
+    header_end, body_start = _split_offsets(raw)
+    header_block = raw[:header_end]
     wanted: dict[bytes, list[bytes]] = {}
     for name, value in header_fields(header_block):
         if name in _FINGERPRINT_SET:
@@ -100,16 +108,39 @@ def _fingerprint(header_block: bytes, body: bytes) -> tuple[str, bytes | None]:
     if not wanted:
         # Nothing identifies the message (garbage, or no originator header at all): hash all
         # of it, so two such messages can never share a key only because both lack headers.
-        whole = header_block + b"\n\n" + body
+        whole = header_block + b"\n\n" + raw[body_start:]
         digest.update(b"whole\n" + lf_line_ends(whole).rstrip(b" \t\r\n"))
         return digest.hexdigest(), None
     for name in FINGERPRINT_HEADERS:
         for value in wanted.get(name, ()):
             digest.update(name + b":" + value + b"\n")
     digest.update(b"\n")
-    digest.update(lf_line_ends(body).rstrip(b" \t\r\n"))
+    _update_with_body(digest, raw, body_start)
     message_ids = wanted.get(b"message-id")
     return digest.hexdigest(), (message_ids[0] if message_ids else None)
+
+
+_TRAILING_SPACE = b" \t\r\n"
+
+
+def _update_with_body(digest: hashlib._Hash, raw: bytes, body_start: int) -> None:
+    """Hash ``raw[body_start:]`` with LF line ends and no trailing white space, as
+    ``lf_line_ends(body).rstrip()`` would, without copying the body three times.
+
+    The whole message is converted once; the body's part of it starts where the header
+    block's CRLFs, each now one byte shorter, leave it (the body begins after a blank line,
+    so no CRLF straddles that point). Trailing white space is found from the end.
+    """
+    converted = lf_line_ends(raw)
+    start = body_start - raw.count(b"\r\n", 0, body_start)
+    end = len(converted)
+    while end > start:
+        piece = max(start, end - 4096)
+        kept = converted[piece:end].rstrip(_TRAILING_SPACE)
+        end = piece + len(kept)
+        if kept:
+            break
+    digest.update(memoryview(converted)[start:end])
 
 
 def lf_line_ends(data: bytes) -> bytes:
@@ -161,7 +192,7 @@ def header_text(value: bytes) -> str:
 
 def message_key(raw: bytes) -> str:
     """The document ``_id``: ``sha256("v1\\0" + normalized Message-ID + "\\0" + fingerprint)``."""
-    fingerprint, message_id = _fingerprint(*split_message(raw))
+    fingerprint, message_id = _fingerprint(raw)
     normalized = normalize_message_id(header_text(message_id)) if message_id is not None else None
     digest = hashlib.sha256()
     digest.update(KEY_VERSION + b"\0")

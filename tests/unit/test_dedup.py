@@ -165,3 +165,42 @@ def test_lf_line_ends_turns_only_crlf_into_lf(data: bytes) -> None:
     from ingest.dedup import lf_line_ends
 
     assert lf_line_ends(data) == data.replace(b"\r\n", b"\n")
+
+
+def _reference_fingerprint(raw: bytes) -> str:
+    """The rule as first written: split, CRLF->LF over the body, strip, hash."""
+    import hashlib as h
+    import re
+
+    from ingest.dedup import FINGERPRINT_HEADERS, header_fields, split_message
+
+    header_block, body = split_message(raw)
+    wanted: dict[bytes, list[bytes]] = {}
+    for name, value in header_fields(header_block):
+        if name in FINGERPRINT_HEADERS:
+            wanted.setdefault(name, []).append(re.sub(rb"[ \t\r\n]+", b" ", value).strip())
+    digest = h.sha256()
+    if not wanted:
+        whole = header_block + b"\n\n" + body
+        digest.update(b"whole\n" + whole.replace(b"\r\n", b"\n").rstrip(b" \t\r\n"))
+        return digest.hexdigest()
+    for name in FINGERPRINT_HEADERS:
+        for value in wanted.get(name, ()):
+            digest.update(name + b":" + value + b"\n")
+    digest.update(b"\n")
+    digest.update(body.replace(b"\r\n", b"\n").rstrip(b" \t\r\n"))
+    return digest.hexdigest()
+
+
+def test_fingerprint_matches_the_rule_as_written_on_every_shape() -> None:
+    rng = random.Random(5)
+    messages = [*corpus.generate_mail(seed=8, n=40), *corpus.special_cases(seed=8).values()]
+    pieces = [b"a", b" ", b"\t", b"\r", b"\n", b"\r\n", b"x" * 5000, b" " * 5000, b"\r\n" * 3000]
+    for _ in range(400):
+        head = rng.choice([b"From: a@b.c\r\nSubject: s\r\n", b"Subject: s\n", b"", b"\r\n",
+                           b"X-Trace: only\r\n", b"\n"])
+        sep = rng.choice([b"\r\n", b"\n", b"\r\n\r\n", b"\n\r\n", b""])
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        messages.append(head + sep + body)
+    for raw in messages:
+        assert content_fingerprint(raw) == _reference_fingerprint(raw), raw[:80]
