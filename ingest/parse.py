@@ -151,8 +151,14 @@ def _child_main(requests: Connection, results: Connection, memory_mb: int,
 
 def _mp_context() -> multiprocessing.context.BaseContext:
     """forkserver where available (no inherited threads or sockets), spawn elsewhere."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # The fork server imports the parsing code once; every child (also each replacement
+    # after MAX_TASKS_PER_CHILD) forks from it with the imports done, instead of paying
+    # about 0.2 CPU-seconds for them. Only effective before the fork server first starts.
+    context.set_forkserver_preload([__name__, "html2text", "mailparser"])
+    return context
 
 
 def _enlarge_pipe(conn: Connection) -> None:
