@@ -393,22 +393,20 @@ class ParserPool:
         if task is None:  # a reply nobody asked for: the child is confused, replace it
             self._retire(child)
             return
+        if kind != "ok":
+            self.stats.errors += 1
+            self._fail(child, "parser process raised " + str(value))
+            self._retire(child)  # a child that raised past build_document is suspect
+            return
         child.task = None
         child.tasks_run += 1
         with self._lock:
             self._running -= 1
-        if kind == "ok":
-            self.stats.parsed += 1
-            self._start_failures = 0
-            _resolve(task.future, value)
-            if child.tasks_run >= self.max_tasks_per_child:
-                self._retire(child)
-            return
-        self.stats.errors += 1
-        reason = "parser process raised " + str(value)
-        log.warning("message %s: %s", task.kwargs.get("message_key"), reason)
-        self._resolve_fallback(task, PARSE_FAILED, reason)
-        self._retire(child)  # a child that raised past build_document is suspect
+        self.stats.parsed += 1
+        self._start_failures = 0
+        _resolve(task.future, value)
+        if child.tasks_run >= self.max_tasks_per_child:
+            self._retire(child)
 
     def _check_child(self, child: _Child, now: float) -> _Child:
         """Enforce the deadline; replace dead, stuck-starting or worn-out children."""

@@ -197,9 +197,9 @@ class AccountPoller:
             uidls = self._uidls(session, listing)
             self.report.server_messages = len(uidls)
             to_fetch, ambiguous, receipts = self._plan(uidls)
-            # LIST only when something is to be fetched: an idle check is UIDL alone.
-            sizes = listing.sizes() if to_fetch else {}
-            if to_fetch:
+            sizes: dict[int, int] = {}
+            if to_fetch:  # LIST only when something is to be fetched: an idle check is UIDL
+                sizes = listing.sizes()
                 self._check_listing(uidls, sizes)
             capped, more = self._cap(to_fetch, sizes)
             delivered = self._fetch_and_index(session, capped, uidls, sizes, ambiguous,

@@ -31,6 +31,7 @@ from typing import Any
 
 from ingest.config import AccountConfig
 from workers import keys
+from workers.locks import AccountLock
 
 AUTH_FAILED = "auth_failed"
 OPERATOR = "operator"
@@ -131,12 +132,15 @@ def resume_if_settings_changed(client: Any, accounts: Iterable[AccountConfig], *
 
 
 def reschedule(client: Any, account_id: str, due_ms: int, *, pipeline: Any = None) -> None:
-    """Set the next due time unless the account is paused (a pause always wins)."""
-    script = client.register_script(_RESCHEDULE)
-    script(keys=[keys.due(), keys.paused()], args=[account_id, due_ms], client=pipeline)
+    """Set the next due time unless the account is paused (a pause always wins).
+
+    EVAL, not a registered script: a registered script queued on a pipeline costs the
+    pipeline a SCRIPT EXISTS round trip of its own."""
+    (pipeline if pipeline is not None else client).eval(
+        _RESCHEDULE, 2, keys.due(), keys.paused(), account_id, due_ms)
 
 
-def begin_poll(client: Any, account_id: str, lock: Any) -> tuple[bool, int]:
+def begin_poll(client: Any, account_id: str, lock: AccountLock) -> tuple[bool, int]:
     """One round trip before a poll: is the account paused, take ``lock`` (an
     :class:`~workers.locks.AccountLock`), read its failure count. Returns ``(paused, failures)``;
     ``lock.held`` says whether the lock was taken. A paused account's lock is given back."""
@@ -194,18 +198,12 @@ def record_poll(client: Any, account_id: str, report: dict[str, Any], *, now_ms:
     pipe.hincrby(key, "messages_archived", archived)
     pipe.hincrby(key, "bytes_fetched", int(report.get("bytes_fetched", 0)))
     pipe.hset(key, mapping=mapping)
-    # EVAL, not a registered script: a script in a pipeline costs a SCRIPT EXISTS round trip.
-    pipe.eval(_RESCHEDULE, 2, keys.due(), keys.paused(), account_id, next_due_ms)
+    reschedule(client, account_id, next_due_ms, pipeline=pipe)
     if also is not None:
         also(pipe)
     pipe.hget(key, "consecutive_failures")
     *_, failures = pipe.execute()
     return int(failures or 0)
-
-
-def failures(client: Any, account_id: str) -> int:
-    value = client.hget(keys.health(account_id), "consecutive_failures")
-    return int(value or 0)
 
 
 def read_all(client: Any, account_ids: list[str]) -> dict[str, dict[str, Any]]:

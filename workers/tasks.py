@@ -113,13 +113,10 @@ def poll_accounts_task(self: Any, account_ids: list[str]) -> dict[str, Any]:
     s = rt.settings.schedule
     started = time.monotonic()
     counts: dict[str, int] = {}
+    rest: list[str] = []
     for index, account_id in enumerate(account_ids):
         if index and time.monotonic() - started > s.poll_batch_handoff_s:
             rest = account_ids[index:]
-            log.info("batch task_id=%s handing %d accounts back to the queue after %.1fs",
-                     self.request.id, len(rest), time.monotonic() - started)
-            poll_accounts_task.apply_async(args=(rest,), queue=POLL_QUEUE)
-            counts["handed_off"] = len(rest)
             break
         outcome = poll_once(rt, account_id, task_id=self.request.id)
         status = str(outcome["status"])
@@ -129,10 +126,12 @@ def poll_accounts_task(self: Any, account_ids: list[str]) -> dict[str, Any]:
                                           countdown=busy_retry_s(s.host_busy_retry_s))
         elif outcome.get("timed_out"):  # the soft limit struck: the hard one is near
             rest = account_ids[index + 1:]
-            if rest:
-                poll_accounts_task.apply_async(args=(rest,), queue=POLL_QUEUE)
-                counts["handed_off"] = len(rest)
             break
+    if rest:
+        log.info("batch task_id=%s handing %d accounts back to the queue after %.1fs",
+                 self.request.id, len(rest), time.monotonic() - started)
+        poll_accounts_task.apply_async(args=(rest,), queue=POLL_QUEUE)
+        counts["handed_off"] = len(rest)
     return {"task_id": self.request.id, "accounts": len(account_ids), **counts}
 
 
